@@ -1,0 +1,298 @@
+"""CIFAR-10 as decoded uint8 tensors, cached on disk, and a loader that augments in batches.
+
+Introduced in chapter 1. Images are decoded once into a ``uint8`` tensor cache; every batch
+is then cut from those tensors, augmented with batched tensor operations (random crop with
+padding, horizontal flip) and normalised, all on the training device. Nothing is decoded
+per epoch, and the batch order and augmentation of every epoch follow from ``(seed, epoch)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from . import settings
+from .checkpoint import atomic_save, load_checkpoint
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")
+# Per-channel statistics of the CIFAR-10 training set (pixel values in [0, 1]).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+# What R5 normalised with: ImageNet's statistics, not CIFAR-10's.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_CACHE_VERSION = 1
+
+
+class DataNotFoundError(FileNotFoundError):
+    """No usable copy of the dataset was found and it could not be downloaded."""
+
+
+class BadDataError(ValueError):
+    """The data folder exists but its content is not what it should be."""
+
+
+@dataclass
+class ImageData:
+    """A dataset held as tensors: images ``uint8 (N, 3, H, W)``, labels ``int64 (N,)``."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: tuple[str, ...]
+    source: str  # what the data was read from, written into every run record
+    mean: tuple[float, ...] = CIFAR10_MEAN
+    std: tuple[float, ...] = CIFAR10_STD
+    folder: str = ""
+    info: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return (f"ImageData(source={self.source!r}, train={tuple(self.train_x.shape)}, "
+                f"test={tuple(self.test_x.shape)}, classes={len(self.classes)})")
+
+    def subset(self, train_size: int | None = None, test_size: int | None = None) -> "ImageData":
+        """The first ``size // num_classes`` images of every class (deterministic)."""
+        tx, ty = _stratified(self.train_x, self.train_y, train_size, len(self.classes))
+        vx, vy = _stratified(self.test_x, self.test_y, test_size, len(self.classes))
+        return ImageData(tx, ty, vx, vy, self.classes, self.source, self.mean, self.std,
+                         self.folder, {**self.info, "train_size": len(ty), "test_size": len(vy)})
+
+
+def _stratified(x, y, size, num_classes):
+    if size is None or size >= len(y):
+        return x, y
+    per_class = max(1, size // num_classes)
+    keep = torch.cat([torch.nonzero(y == c).flatten()[:per_class] for c in range(num_classes)])
+    keep = keep.sort().values
+    return x[keep], y[keep]
+
+
+# ------------------------------------------------------------------ finding the data
+
+def load_cifar10(data_dir: str | Path | None = None, *, download: bool = True,
+                 train_size: int | None = None, test_size: int | None = None,
+                 verbose: bool = True) -> ImageData:
+    """Load CIFAR-10 as uint8 tensors from ``data_dir`` (default ``$KD_DATA_DIR``).
+
+    Looks, in order, for torchvision's ``cifar-10-batches-py/`` in ``data_dir``; for an
+    ImageFolder pair ``data_dir/train/<class>/`` + ``data_dir/test/<class>/`` (the JPEG copy);
+    otherwise downloads with torchvision. Decoded images are cached in
+    ``data_dir/.kdutils-cache/`` so later runs skip decoding.
+    """
+    root = settings.data_dir(data_dir)
+    if (root / "cifar-10-batches-py").is_dir():
+        data = _cached(root, "torchvision-cifar10", _fingerprint_dir(root / "cifar-10-batches-py"),
+                       lambda: _read_torchvision(root), verbose)
+    elif (root / "train").is_dir() or (root / "test").is_dir():
+        split_dirs = [root / "train", root / "test"]
+        missing = [str(d) for d in split_dirs if not d.is_dir()]
+        if missing:
+            raise BadDataError(f"{root} holds an image-folder dataset but lacks {', '.join(missing)}; "
+                               "it needs both train/<class>/ and test/<class>/")
+        files = {s: _image_files(root / s) for s in ("train", "test")}
+        jpeg = all(p.suffix.lower() in (".jpg", ".jpeg") for fs in files.values() for _, p in fs)
+        source = "cifar10-jpeg" if jpeg else f"imagefolder:{root.name}"
+        fp = _fingerprint_files([p for fs in files.values() for _, p in fs])
+        data = _cached(root, source, fp, lambda: _read_image_folder(root, files), verbose)
+    else:
+        data = _download(root, download, verbose)
+    data.folder = str(root)
+    return data.subset(train_size, test_size)
+
+
+def _download(root: Path, download: bool, verbose: bool) -> ImageData:
+    ways_out = (
+        f"Either put torchvision's CIFAR-10 (the folder cifar-10-batches-py/) in {root}, "
+        f"or an image-folder copy as {root}/train/<class>/*.jpg and {root}/test/<class>/*.jpg "
+        "(for example the book's JPEG copy, extracted there); or set KD_DATA_DIR (or the "
+        "data_dir parameter) to a folder that holds either.")
+    if not download:
+        raise DataNotFoundError(f"No CIFAR-10 found in {root}. {ways_out}")
+    import torchvision
+    try:
+        torchvision.datasets.CIFAR10(root=str(root), train=True, download=True)
+        torchvision.datasets.CIFAR10(root=str(root), train=False, download=True)
+    except Exception as e:  # no network, proxy, disk full...
+        raise DataNotFoundError(
+            f"No CIFAR-10 found in {root}, and downloading it failed "
+            f"({type(e).__name__}: {e}). {ways_out}") from None
+    return _cached(root, "torchvision-cifar10", _fingerprint_dir(root / "cifar-10-batches-py"),
+                   lambda: _read_torchvision(root), verbose)
+
+
+def _read_torchvision(root: Path) -> dict:
+    import torchvision
+    out = {}
+    for split, train in (("train", True), ("test", False)):
+        ds = torchvision.datasets.CIFAR10(root=str(root), train=train, download=False)
+        out[f"{split}_x"] = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        out[f"{split}_y"] = torch.tensor(ds.targets, dtype=torch.int64)
+    return out
+
+
+def _image_files(split_dir: Path) -> list[tuple[int, Path]]:
+    found = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    if tuple(found) != CIFAR10_CLASSES:
+        raise BadDataError(
+            f"{split_dir} should hold one folder per CIFAR-10 class: {', '.join(CIFAR10_CLASSES)}; "
+            f"found: {', '.join(found) or 'none'}")
+    files = []
+    for label, name in enumerate(CIFAR10_CLASSES):
+        names = sorted(os.listdir(split_dir / name))
+        if not names:
+            raise BadDataError(f"{split_dir / name} holds no images")
+        files += [(label, split_dir / name / f) for f in names]
+    return files
+
+
+def _read_image_folder(root: Path, files: dict) -> dict:
+    import numpy as np
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    out = {}
+    for split, items in files.items():
+        images = []
+        for _, path in tqdm(items, desc=f"decoding {split}", mininterval=2, leave=False):
+            try:
+                with Image.open(path) as im:
+                    img = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+            except Exception as e:
+                raise BadDataError(f"cannot decode image {path} ({type(e).__name__}: {e}); "
+                                   "remove or replace the file") from None
+            if img.shape != (3, 32, 32):
+                raise BadDataError(f"image {path} is {tuple(img.shape[1:])} pixels; "
+                                   "CIFAR-10 images are 32x32")
+            images.append(img)
+        out[f"{split}_x"] = torch.stack(images)
+        out[f"{split}_y"] = torch.tensor([label for label, _ in items], dtype=torch.int64)
+    return out
+
+
+def _fingerprint_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.parent.name}/{p.name}:{st.st_size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _fingerprint_dir(folder: Path) -> str:
+    return _fingerprint_files(sorted(p for p in folder.iterdir() if p.is_file()))
+
+
+def _cached(root: Path, source: str, fingerprint: str, read, verbose: bool) -> ImageData:
+    cache = root / ".kdutils-cache" / f"cifar10-{source.replace(':', '_')}.pt"
+    tensors = None
+    if cache.is_file():
+        try:
+            blob = load_checkpoint(cache)
+            if blob.get("version") == _CACHE_VERSION and blob.get("fingerprint") == fingerprint:
+                tensors = blob["tensors"]
+        except Exception:
+            tensors = None  # a stale or damaged cache is rebuilt from the images
+    if tensors is None:
+        if verbose:
+            print(f"Decoding CIFAR-10 from {root} once; the tensors are cached in {cache.parent}")
+        tensors = read()
+        try:
+            atomic_save({"version": _CACHE_VERSION, "fingerprint": fingerprint,
+                         "tensors": tensors}, cache)
+        except OSError as e:  # a read-only data folder still works, only slower next time
+            if verbose:
+                print(f"(could not write the cache {cache}: {e})")
+    return ImageData(tensors["train_x"], tensors["train_y"], tensors["test_x"], tensors["test_y"],
+                     CIFAR10_CLASSES, source)
+
+
+# ------------------------------------------------------------------ batches
+
+def normalize(x_uint8: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 images -> float, scaled to [0, 1], minus ``mean``, divided by ``std`` per channel."""
+    mean = torch.tensor(mean, device=x_uint8.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=x_uint8.device).view(1, -1, 1, 1)
+    return (x_uint8.float() / 255 - mean) / std
+
+
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Batched RandomCrop(size, padding=pad) + RandomHorizontalFlip on ``(N, C, H, W)``.
+
+    Each image gets its own offset in ``[0, 2 * pad]`` on both axes (zero padding, as
+    torchvision's RandomCrop) and is flipped with probability 1/2.
+    """
+    n, c, h, w = x.shape
+    dev = x.device
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=generator.device).to(dev)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=generator.device).to(dev)
+    flip = torch.rand(n, generator=generator, device=generator.device).to(dev) < 0.5
+    rows = dy[:, None] + torch.arange(h, device=dev)                      # (n, h)
+    cols = dx[:, None] + torch.arange(w, device=dev)                      # (n, w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    idx_n = torch.arange(n, device=dev)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]]  # (n, h, w, c)
+    return out.permute(0, 3, 1, 2)
+
+
+class TensorLoader:
+    """Batches from uint8 image tensors held on ``device``.
+
+    Yields ``(images, labels, indices)``: normalised float images, int64 labels, and the
+    indices of the samples in the dataset (used to look up pre-computed teacher outputs).
+    Call :meth:`set_epoch` before each epoch: the order and the augmentation of an epoch
+    are a function of ``(seed, epoch)`` alone, so a resumed run sees the same batches.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool,
+                 augment: bool = False, seed: int = 0, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                 device: str | torch.device = "cpu", drop_last: bool = False,
+                 channels_last: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.x = x.to(self.device)
+        self.y = y.to(self.device)
+        self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
+        self.seed, self.mean, self.std = seed, mean, std
+        self.drop_last, self.channels_last = drop_last, channels_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.y)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        n = len(self.y)
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        order = order.to(self.device)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            xb = self.x[idx]
+            if self.augment:
+                xb = random_crop_flip(xb, g)
+            xb = normalize(xb, self.mean, self.std)
+            if self.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            yield xb, self.y[idx], idx
+
+
+def loaders(data: ImageData, batch_size: int, *, seed: int, augment: bool = False,
+            device="cpu", eval_batch_size: int = 1000, channels_last: bool = False):
+    """The training loader (shuffled) and the test loader (fixed order, no augmentation)."""
+    train = TensorLoader(data.train_x, data.train_y, batch_size, shuffle=True, augment=augment,
+                         seed=seed, mean=data.mean, std=data.std, device=device,
+                         channels_last=channels_last)
+    test = TensorLoader(data.test_x, data.test_y, eval_batch_size, shuffle=False,
+                        mean=data.mean, std=data.std, device=device, channels_last=channels_last)
+    return train, test

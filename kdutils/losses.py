@@ -1,0 +1,96 @@
+"""Distillation losses as pure functions of tensors (chapters 2 to 5).
+
+Notation, as in the chapters: ``s`` student logits, ``t`` teacher logits, ``y`` labels,
+``T`` temperature, ``p^T = softmax(t / T)``, ``q^T = softmax(s / T)``. All losses are
+means over the batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def ce_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with the hard labels: ``CE(s, y) = -mean_i log softmax(s_i)[y_i]``."""
+    return F.cross_entropy(student_logits, labels)
+
+
+def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                     T: float) -> torch.Tensor:
+    """``T^2 * KL(p^T || q^T)``, summed over classes, mean over the batch.
+
+    Zero when student and teacher logits are equal (up to a constant per row), positive
+    otherwise. The ``T^2`` keeps its gradient on the scale of the hard-label loss.
+    """
+    log_q = F.log_softmax(student_logits / T, dim=-1)
+    log_p = F.log_softmax(teacher_logits / T, dim=-1)
+    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * T**2
+
+
+def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                       T: float) -> torch.Tensor:
+    """R5's soft loss: ``T^2 * mean_i -sum_c p^T_ic log q^T_ic`` (cross-entropy to soft targets).
+
+    Equals :func:`soft_target_loss` plus ``T^2 * H(p^T)``, the teacher's entropy, which does
+    not depend on the student: same gradients, different value (chapter 3 shows it).
+    """
+    p = F.softmax(teacher_logits / T, dim=-1)
+    log_q = F.log_softmax(student_logits / T, dim=-1)
+    return -(p * log_q).sum(dim=-1).mean() * T**2
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+            T: float, alpha: float) -> torch.Tensor:
+    """Hinton et al. (2015): ``alpha * T^2 * KL(p^T || q^T) + (1 - alpha) * CE(s, y)``."""
+    if T <= 0:
+        raise ValueError(f"T must be > 0, got {T}")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    return (alpha * soft_target_loss(student_logits, teacher_logits, T)
+            + (1 - alpha) * ce_loss(student_logits, labels))
+
+
+def pool_to_dim(h: torch.Tensor, dim: int) -> torch.Tensor:
+    """Flatten ``h`` to ``(N, D)`` and average neighbouring values down to ``(N, dim)``.
+
+    ``D`` must be a multiple of ``dim``. R5 maps the teacher's 2048 values to the
+    student's 1024 this way (``avg_pool1d`` with kernel 2).
+    """
+    flat = torch.flatten(h, 1)
+    if flat.shape[1] % dim:
+        raise ValueError(f"cannot pool {flat.shape[1]} values to {dim}: not a multiple")
+    k = flat.shape[1] // dim
+    return F.avg_pool1d(flat.unsqueeze(1), kernel_size=k).squeeze(1)
+
+
+def cosine_loss(student_logits: torch.Tensor, student_hidden: torch.Tensor,
+                teacher_hidden: torch.Tensor, labels: torch.Tensor,
+                hidden_weight: float = 0.3, ce_weight: float = 0.7) -> torch.Tensor:
+    """``hidden_weight * mean_i (1 - cos(h^s_i, h^t_i)) + ce_weight * CE(s, y)``.
+
+    ``h^s`` and ``h^t`` are flattened to vectors of the same length (pool the larger one
+    first, :func:`pool_to_dim`). ``1 - cos`` is ``CosineEmbeddingLoss`` with target +1.
+    """
+    hs, ht = torch.flatten(student_hidden, 1), torch.flatten(teacher_hidden, 1)
+    if hs.shape != ht.shape:
+        raise ValueError(f"hidden shapes differ: student {tuple(hs.shape)}, teacher {tuple(ht.shape)}")
+    cos = F.cosine_similarity(hs, ht, dim=1)
+    return hidden_weight * (1 - cos).mean() + ce_weight * ce_loss(student_logits, labels)
+
+
+def hint_loss(student_logits: torch.Tensor, student_regressed: torch.Tensor,
+              teacher_map: torch.Tensor, labels: torch.Tensor,
+              hint_weight: float = 0.7, ce_weight: float = 0.3) -> torch.Tensor:
+    """FitNets hint: ``hint_weight * MSE(r(f^s), f^t) + ce_weight * CE(s, y)``.
+
+    ``r(f^s)`` is the student's feature map after the trainable regressor and must have
+    the shape of the teacher's map ``f^t``; MSE is the mean over all elements.
+    """
+    if student_regressed.shape != teacher_map.shape:
+        raise ValueError(f"regressed student map {tuple(student_regressed.shape)} does not match "
+                         f"the teacher's {tuple(teacher_map.shape)}")
+    return (hint_weight * F.mse_loss(student_regressed, teacher_map)
+            + ce_weight * ce_loss(student_logits, labels))
+
+
+LOSSES = {"ce": ce_loss, "kd": kd_loss, "cosine": cosine_loss, "hint": hint_loss}

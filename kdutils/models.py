@@ -1,0 +1,77 @@
+"""The networks of the book (introduced in chapter 2).
+
+``DeepNN`` (the teacher) and ``LightNN`` (the student) are R5's two CNNs, layer for layer.
+Both split into ``features`` (the convolutional part) and ``classifier`` (the head), and
+``forward(x, return_features=True)`` also returns the last feature map, which the
+cosine (chapter 4) and hint (chapter 5) losses need: no copies of the classes.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _conv(cin: int, cout: int) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel_size=3, padding=1)
+
+
+class _FeaturesThenHead(nn.Module):
+    features: nn.Module
+    classifier: nn.Module
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        h = self.features(x)
+        logits = self.classifier(torch.flatten(h, 1))
+        return (logits, h) if return_features else logits
+
+
+class DeepNN(_FeaturesThenHead):
+    """R5's teacher: 4 convolutions (128, 64, 64, 32 channels), 2 max-pools, a 512-unit head.
+
+    Feature map: ``(N, 32, 8, 8)`` = 2048 values. 1,186,986 parameters. Dropout is 0.1, as
+    intended; R5 wrote ``nn.Dropout(0, 1)``, which is p=0 (no dropout) with inplace=True.
+    """
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            _conv(3, 128), nn.ReLU(), _conv(128, 64), nn.ReLU(), nn.MaxPool2d(2),
+            _conv(64, 64), nn.ReLU(), _conv(64, 32), nn.ReLU(), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(
+            nn.Linear(2048, 512), nn.ReLU(), nn.Dropout(0.1), nn.Linear(512, num_classes))
+
+
+class LightNN(_FeaturesThenHead):
+    """R5's student: 2 convolutions (16 channels each), 2 max-pools, a 256-unit head.
+
+    Feature map: ``(N, 16, 8, 8)`` = 1024 values. 267,738 parameters.
+    """
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            _conv(3, 16), nn.ReLU(), nn.MaxPool2d(2), _conv(16, 16), nn.ReLU(), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(
+            nn.Linear(1024, 256), nn.ReLU(), nn.Dropout(0.1), nn.Linear(256, num_classes))
+
+
+MODELS = {"deepnn": DeepNN, "lightnn": LightNN}
+
+
+def build(name: str, *, seed: int | None = None, num_classes: int = 10) -> nn.Module:
+    """A fresh model by name; with ``seed``, its initial weights follow from that seed alone.
+
+    Two calls with the same name and seed give identical weights (chapter 2 checks it).
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+    if seed is None:
+        return MODELS[name](num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MODELS[name](num_classes)
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (all, or only those with ``requires_grad``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,247 @@
+"""Chapter parameters: defaults, profiles and validation (introduced in chapter 1).
+
+Every chapter's first code cell holds its parameters (tagged ``parameters`` for papermill).
+The next cell calls :func:`from_notebook`, which
+
+1. takes the profile from ``$KD_PROFILE`` if set (CI sets ``smoke``),
+2. refuses unknown names, wrong types and impossible values before any training, with a
+   message that names the parameter and what is allowed,
+3. applies the profile (``smoke`` shrinks the run, ``full`` is the reference recipe).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from . import settings
+
+PROFILES: dict[str, dict[str, Any]] = {
+    # Real recipe: every image, the chapter's own epochs and seeds.
+    "full": {},
+    # CI: a few thousand images and one epoch, so a chapter runs in well under 2 minutes on
+    # 2 CPU cores. Its numbers mean nothing and are never published.
+    "smoke": {"epochs": 1, "teacher_epochs": 1, "max_seeds": 2,
+              "train_size": 2000, "test_size": 1000},
+}
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DATASETS = ("cifar10",)
+MODELS = ("deepnn", "lightnn")
+
+
+class ParameterError(ValueError):
+    """A chapter parameter is unknown, of the wrong type, or has an impossible value."""
+
+
+class Params(dict):
+    """A dict of checked parameters that also reads as attributes (``P.epochs``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+# ---- one checker per kind of value: (value) -> normalised value, or raise with "allowed" ----
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def positive_int(v):
+    if not _is_int(v):
+        raise TypeError("an integer >= 1")
+    if v < 1:
+        raise ValueError("an integer >= 1")
+    return v
+
+
+def positive_float(v):
+    if not _is_number(v):
+        raise TypeError("a number > 0")
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError("a number > 0")
+    return float(v)
+
+
+def probability(v):
+    if not _is_number(v):
+        raise TypeError("a number in [0, 1]")
+    if not 0 <= v <= 1:
+        raise ValueError("a number in [0, 1]")
+    return float(v)
+
+
+def weight(v):
+    if not _is_number(v):
+        raise TypeError("a number >= 0")
+    if not math.isfinite(v) or v < 0:
+        raise ValueError("a number >= 0")
+    return float(v)
+
+
+def seeds(v):
+    allowed = "a non-negative integer or a non-empty list of them"
+    if _is_int(v):
+        v = [v]
+    if not isinstance(v, (list, tuple)) or not all(_is_int(s) for s in v):
+        raise TypeError(allowed)
+    if not v or any(s < 0 for s in v):
+        raise ValueError(allowed)
+    if len(set(v)) != len(v):
+        raise ValueError(allowed + ", without repeats")
+    return list(v)
+
+
+def optional_path(v):
+    if v is not None and not isinstance(v, str):
+        raise TypeError("a folder path (str) or None")
+    return v
+
+
+def boolean(v):
+    if not isinstance(v, bool):
+        raise TypeError("True or False")
+    return v
+
+
+def choice(*options: str) -> Callable[[Any], str]:
+    def check(v):
+        allowed = "one of " + ", ".join(repr(o) for o in options)
+        if not isinstance(v, str):
+            raise TypeError(allowed)
+        if v not in options:
+            raise ValueError(allowed)
+        return v
+    check.options = options
+    return check
+
+
+def device(v):
+    allowed = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+    if not isinstance(v, str):
+        raise TypeError(allowed)
+    if v in DEVICES or (v.startswith("cuda:") and v[5:].isdigit()):
+        return v
+    raise ValueError(allowed)
+
+
+# ---- the parameters of each chapter ----
+
+COMMON: dict[str, Callable] = {
+    "profile": choice(*PROFILES),
+    "dataset": choice(*DATASETS),
+    "epochs": positive_int,
+    "batch_size": positive_int,
+    "lr": positive_float,
+    "seeds": seeds,
+    "device": device,
+    "data_dir": optional_path,
+    "ckpt_dir": optional_path,
+    "results_dir": optional_path,
+    "progress": boolean,
+}
+TEACHER = {"teacher": choice(*MODELS), "teacher_epochs": positive_int}
+
+SCHEMAS: dict[str, dict[str, Callable]] = {
+    "introduction": {"profile": COMMON["profile"], "dataset": COMMON["dataset"],
+                     "data_dir": optional_path},
+    "baseline": {**COMMON, **TEACHER, "student": choice(*MODELS)},
+    "hinton": {**COMMON, **TEACHER, "student": choice(*MODELS),
+               "T": positive_float, "alpha": probability},
+    "cosine": {**COMMON, **TEACHER, "hidden_weight": weight, "ce_weight": weight},
+    "regressor": {**COMMON, **TEACHER, "hint_weight": weight, "ce_weight": weight},
+}
+
+# R5's recipe: Adam 1e-3, batch 128, 10 epochs, no augmentation; three seeds per method.
+_R5 = {"profile": "full", "dataset": "cifar10", "epochs": 10, "batch_size": 128, "lr": 1e-3,
+       "seeds": [0, 1, 2], "device": "auto", "data_dir": None, "ckpt_dir": None,
+       "results_dir": None, "progress": True, "teacher": "deepnn", "teacher_epochs": 10}
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "introduction": {"profile": "full", "dataset": "cifar10", "data_dir": None},
+    "baseline": {**_R5, "student": "lightnn"},
+    "hinton": {**_R5, "student": "lightnn", "T": 5.0, "alpha": 0.5},
+    "cosine": {**_R5, "hidden_weight": 0.3, "ce_weight": 0.7},
+    "regressor": {**_R5, "hint_weight": 0.7, "ce_weight": 0.3},
+}
+
+# Names an IPython namespace holds besides the parameters.
+_NOTEBOOK_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
+_LITERALS = (str, int, float, bool, list, tuple, dict, type(None))
+
+
+def check(chapter: str, **values: Any) -> Params:
+    """Validate ``values`` against ``chapter``'s parameters and apply the profile.
+
+    Raises :class:`ParameterError` naming the first bad parameter and what is allowed.
+    """
+    if chapter not in SCHEMAS:
+        raise ParameterError(f"unknown chapter {chapter!r}; known: {', '.join(SCHEMAS)}")
+    schema = SCHEMAS[chapter]
+    unknown = sorted(set(values) - set(schema))
+    if unknown:
+        raise ParameterError(
+            f"unknown parameter(s) {', '.join(map(repr, unknown))} for chapter {chapter!r}; "
+            f"allowed: {', '.join(schema)}")
+    merged = {**DEFAULTS[chapter], **values}
+    forced = settings.profile_override()
+    if forced is not None:
+        merged["profile"] = forced
+    out = Params()
+    for name, checker in schema.items():
+        value = merged[name]
+        try:
+            out[name] = checker(value)
+        except (TypeError, ValueError) as e:
+            source = f" (from ${settings.PROFILE_VAR})" if name == "profile" and forced else ""
+            raise ParameterError(
+                f"parameter {name!r} = {value!r}{source} is not allowed: it must be {e}") from None
+    if "hidden_weight" in out and out.hidden_weight + out.ce_weight == 0:
+        raise ParameterError("parameters 'hidden_weight' and 'ce_weight' are both 0: "
+                             "at least one loss weight must be > 0")
+    if "hint_weight" in out and out.hint_weight + out.ce_weight == 0:
+        raise ParameterError("parameters 'hint_weight' and 'ce_weight' are both 0: "
+                             "at least one loss weight must be > 0")
+    return _apply_profile(out)
+
+
+def _apply_profile(p: Params) -> Params:
+    prof = PROFILES[p.profile]
+    p["train_size"] = prof.get("train_size")  # None: the whole split
+    p["test_size"] = prof.get("test_size")
+    for name in ("epochs", "teacher_epochs"):
+        if name in p and name in prof:
+            p[name] = prof[name]
+    if "seeds" in p and "max_seeds" in prof:
+        p["seeds"] = p.seeds[: prof["max_seeds"]]
+    return p
+
+
+def from_notebook(namespace: dict[str, Any], chapter: str) -> Params:
+    """Check the parameters a notebook defined (its ``globals()``), papermill's included.
+
+    Every plain value (str, number, bool, list, dict, None) whose name does not start with
+    ``_`` counts as a parameter, so a misspelt papermill ``-p`` name is caught here.
+    """
+    values = {k: v for k, v in namespace.items()
+              if not k.startswith("_") and k not in _NOTEBOOK_NAMES
+              and isinstance(v, _LITERALS)}
+    return check(chapter, **values)
+
+
+def describe(p: Params) -> str:
+    """One line saying what produced a result: profile, epochs, seeds, data sizes."""
+    bits = [f"profile={p.profile}"]
+    if "epochs" in p:
+        bits.append(f"epochs={p.epochs}")
+    if "seeds" in p:
+        bits.append(f"seeds={p.seeds}")
+    if p.get("train_size"):
+        bits.append(f"train_size={p.train_size}")
+    return ", ".join(bits)

@@ -1,0 +1,87 @@
+"""Figures and displays used by the chapters (matplotlib; chapter 1 on)."""
+from __future__ import annotations
+
+import inspect
+
+import matplotlib.pyplot as plt
+import torch
+
+
+def show_code(*objects) -> "object":
+    """Display the source of kdutils functions or classes in a notebook, as a code block.
+
+    The chapters use it so that the method under study is visible where it is discussed,
+    while the code itself lives once, in the package.
+    """
+    from IPython.display import Markdown
+    src = "\n\n".join(inspect.getsource(o).rstrip() for o in objects)
+    return Markdown(f"```python\n{src}\n```")
+
+
+def image_grid(x_uint8: torch.Tensor, labels=None, classes=None, ncols: int = 10, size: float = 1.1):
+    """A grid of uint8 ``(N, 3, H, W)`` images with their class names."""
+    n = len(x_uint8)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * size, nrows * size * 1.15),
+                             squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(x_uint8[i].permute(1, 2, 0).cpu().numpy())
+            if labels is not None and classes is not None:
+                ax.set_title(classes[int(labels[i])], fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def curves(records, metric: str = "test_acc", label: str = "method", ax=None, title=None):
+    """Per-epoch ``metric`` of every run in ``records`` (a DataFrame from
+    :func:`kdutils.results.load_records`): the mean over seeds as a line, min-max as a band."""
+    import pandas as pd
+    ax = ax or plt.subplots(figsize=(6, 3.6))[1]
+    for name, group in records.groupby(label, sort=False):
+        rows = [pd.DataFrame(h).assign(seed=s) for h, s in zip(group["history"], group["seed"])]
+        table = pd.concat(rows).groupby("epoch")[metric]
+        mean, lo, hi = table.mean(), table.min(), table.max()
+        line, = ax.plot(mean.index, mean.values, marker="o", ms=3,
+                        label=f"{name} ({group['seed'].nunique()} seeds)")
+        ax.fill_between(mean.index, lo.values, hi.values, alpha=0.2, color=line.get_color())
+    ax.set_xlabel("epoch")
+    ax.set_ylabel({"test_acc": "test accuracy (%)", "train_loss": "training loss"}.get(metric, metric))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax
+
+
+def accuracy_points(records, label: str = "method", ax=None, title=None):
+    """Every seed's final accuracy as a dot, with the mean ± std as a bar, per method."""
+    ax = ax or plt.subplots(figsize=(6, 3.2))[1]
+    names = list(dict.fromkeys(records[label]))
+    for i, name in enumerate(names):
+        acc = records.loc[records[label] == name, "test_acc"]
+        ax.scatter([i] * len(acc), acc, s=18, alpha=0.7, zorder=3)
+        ax.errorbar(i + 0.15, acc.mean(), yerr=acc.std() if len(acc) > 1 else 0, fmt="D",
+                    color="black", ms=4, capsize=3)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("final test accuracy (%)")
+    ax.grid(alpha=0.3, axis="y")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax
+
+
+def glue(name: str, value, display: bool = False):
+    """Store ``value`` for the book's prose (myst-nb ``glue``); a no-op where myst-nb is absent.
+
+    In a chapter's text, ``{glue:text}`name:.2f``` then shows the number of the run that
+    produced the committed outputs, never a number typed by hand.
+    """
+    try:
+        from myst_nb import glue as _glue
+    except ImportError:  # e.g. on Colab: the prose is read in the rendered book anyway
+        return
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()  # numpy / torch scalars: glue formats plain Python numbers only
+    _glue(name, value, display=display)

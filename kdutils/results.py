@@ -1,0 +1,131 @@
+"""Run records: one JSON file per training run, and tables made from them (chapter 2 on).
+
+A record says what produced a number: chapter, method, profile, device, data source, seed,
+epochs, the final test accuracy, the per-epoch history, the wall time, the hyper-parameters
+and the PyTorch version.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from . import settings
+from .checkpoint import atomic_write_json
+
+REQUIRED = ("chapter", "method", "profile", "device", "data_source", "seed", "epochs",
+            "test_acc", "history", "wall_time_s", "params", "torch_version")
+
+
+def device_name(device: torch.device) -> str:
+    """``cuda (NVIDIA L4)``, ``cpu (2 threads)``, ``mps``: the device and what it is."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads, {platform.machine()})"
+    return device.type
+
+
+def make_record(*, chapter, method, profile, device, data, recipe, params, history, model,
+                key, teacher_key, wall_time_s) -> dict:
+    from .models import count_params
+    return {
+        "chapter": chapter, "method": method, "profile": profile,
+        "device": device_name(device), "data_source": data.source,
+        "train_size": len(data.train_y), "test_size": len(data.test_y),
+        "seed": recipe.seed, "epochs": recipe.epochs,
+        "test_acc": history[-1]["test_acc"] if history else None,
+        "history": history, "wall_time_s": round(wall_time_s, 2),
+        "params": {**asdict(recipe), **params},
+        "model": type(model).__name__, "model_params": count_params(model),
+        "teacher_key": teacher_key, "run_key": key,
+        "torch_version": torch.__version__,
+        "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_record(record: dict, path: str | Path) -> Path:
+    """Write ``record`` atomically as JSON; returns the path."""
+    missing = [k for k in REQUIRED if k not in record]
+    if missing:
+        raise ValueError(f"run record lacks {', '.join(missing)}")
+    atomic_write_json(record, path)
+    return Path(path)
+
+
+def load_records(results_dir=None, chapter: str | None = None):
+    """Every run record under ``results_dir`` (default ``<project>/results``) as a DataFrame.
+
+    One row per run; the ``history`` column keeps the per-epoch list. Unreadable files are
+    reported by name, not skipped silently.
+    """
+    import pandas as pd
+    root = settings.results_dir(results_dir)
+    rows = []
+    for path in sorted(root.rglob("*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"run record {path} is not valid JSON ({e}); delete or restore it")
+        if not all(k in rec for k in REQUIRED):
+            continue
+        if chapter is None or rec["chapter"] == chapter:
+            rec["path"] = str(path)
+            rows.append(rec)
+    return pd.DataFrame(rows)
+
+
+def summarize(records, by=("chapter", "method")):
+    """Mean and standard deviation of the final test accuracy over seeds, per method.
+
+    Returns one row per group with ``acc_mean``, ``acc_std`` (sample std, ddof=1; NaN for one
+    seed), ``seeds`` (how many), ``epochs``, ``profile``, ``device``, ``data_source`` and the
+    mean ``wall_time_s``.
+    """
+    import pandas as pd
+    if len(records) == 0:
+        return pd.DataFrame()
+    by = list(by)
+    g = records.groupby(by, sort=False)
+    out = g.agg(acc_mean=("test_acc", "mean"), acc_std=("test_acc", "std"),
+                seeds=("seed", "nunique"), epochs=("epochs", "first"),
+                profile=("profile", "first"), device=("device", "first"),
+                data_source=("data_source", "first"), wall_time_s=("wall_time_s", "mean"),
+                model_params=("model_params", "first"))
+    return out.reset_index()
+
+
+def format_acc(mean: float, std: float) -> str:
+    """``70.52 ± 0.31`` (or ``70.52`` when there is one seed)."""
+    if std != std:  # NaN
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def paired_comparison(records, baseline: str, label: str = "method", confidence: float = 0.95):
+    """Each method against ``baseline``, paired by seed (same initial weights, same batches).
+
+    For every method: mean ± std of its accuracy, and of its difference to the baseline over
+    the seeds both share, with a ``confidence`` interval from Student's t distribution
+    (``n - 1`` degrees of freedom). ``significant`` is True when the interval excludes 0.
+    """
+    import pandas as pd
+    from scipy import stats
+
+    base = records[records[label] == baseline].set_index("seed")["test_acc"]
+    rows = []
+    for name, group in records.groupby(label, sort=False):
+        acc = group.set_index("seed")["test_acc"]
+        row = {label: name, "seeds": len(acc), "acc_mean": acc.mean(), "acc_std": acc.std()}
+        shared = acc.index.intersection(base.index)
+        if name != baseline and len(shared) >= 2:
+            d = acc[shared] - base[shared]
+            half = stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * d.std() / len(d) ** 0.5
+            row.update(diff_mean=d.mean(), diff_std=d.std(), ci_low=d.mean() - half,
+                       ci_high=d.mean() + half, significant=bool(abs(d.mean()) > half))
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,200 @@
+"""The training loop: frozen teachers, resume, records, the teacher cache, and failures."""
+import json
+import pickle
+
+import pytest
+import torch
+
+import kdutils as kd
+from kdutils.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_state_dict_strict
+from kdutils.data import ImageData
+from kdutils.train import Recipe, TrainingDiverged, fit
+
+
+@pytest.fixture
+def tiny():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(96) % 10
+    x = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=g)
+    x[:, 0] = (y * 25).to(torch.uint8).view(-1, 1, 1)  # a learnable signal in the red channel
+    return ImageData(x[:64], y[:64], x[64:], y[64:], kd.data.CIFAR10_CLASSES, "synthetic")
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    return dict(ckpt_dir=str(tmp_path / "ckpt"), results_dir=str(tmp_path / "results"), progress=False)
+
+
+def _teacher(tiny, dirs):
+    return kd.teachers.get_teacher("deepnn", tiny, Recipe(epochs=2, batch_size=16), **dirs)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_frozen_teacher_gets_no_gradient_and_stays_in_eval_mode(tiny, dirs):
+    teacher = _teacher(tiny, dirs).model
+    before = _state(teacher)
+    student = kd.models.build("lightnn", seed=1)
+    s0 = _state(student)
+    x = kd.data.normalize(tiny.train_x[:8], tiny.mean, tiny.std)
+    loss = kd.methods.kd_step(student, x, tiny.train_y[:8], kd.methods.kd_targets(teacher, x))
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert student.features[0].weight.grad.abs().sum() > 0
+    # through the loop, with the teacher run per step (teacher_outputs precomputed or not)
+    run = fit(student, tiny, Recipe(epochs=1, batch_size=16, augment=True), chapter="t", method="kd",
+              step=kd.methods.kd_step, teacher=teacher, teacher_targets=kd.methods.kd_targets,
+              **dirs)
+    assert not teacher.training
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
+    assert any(not torch.equal(v, run.model.state_dict()[k]) for k, v in s0.items())
+
+
+def test_precomputed_teacher_outputs_give_the_same_run_as_per_step(tiny, dirs, tmp_path):
+    teacher = _teacher(tiny, dirs)
+    kw = dict(chapter="t", method="kd", step=kd.methods.kd_step, teacher=teacher.model,
+              teacher_targets=kd.methods.kd_targets, progress=False)
+    a = fit(kd.models.build("lightnn", seed=2), tiny, Recipe(epochs=2, batch_size=16),
+            ckpt_dir=str(tmp_path / "a"), results_dir=str(tmp_path / "ra"), **kw)  # precomputed
+    # per step: the same outputs, forced through the per-step path
+    b_model = kd.models.build("lightnn", seed=2)
+    kd.train.freeze(teacher.model)
+    from kdutils.train import _train_epoch
+    train, test = kd.data.loaders(tiny, 16, seed=0)
+    opt = torch.optim.Adam(b_model.parameters(), 1e-3)
+    for epoch in range(2):
+        _train_epoch(b_model, train, test, opt, None, kw["step"], teacher.model, kw["teacher_targets"],
+                     None, Recipe(epochs=2, batch_size=16), epoch, tmp_path / "none.pt", None)
+    for k, v in a.model.state_dict().items():
+        assert torch.allclose(v, b_model.state_dict()[k], atol=1e-6), k
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupting(step, at_call):
+    calls = {"n": 0}
+
+    def wrapped(*args):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise Interrupt
+        return step(*args)
+    return wrapped
+
+
+@pytest.mark.parametrize("method", ["ce", "kd", "hint"])
+def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tiny, tmp_path, method):
+    teacher = _teacher(tiny, dict(ckpt_dir=str(tmp_path / "t"), results_dir=str(tmp_path / "t"), progress=False))
+    chapter, step, targets, make, _ = kd.methods.METHODS[method]
+    recipe = Recipe(epochs=3, batch_size=16, seed=5)
+    kw = dict(chapter=chapter, method=method, teacher=teacher.model if targets else None,
+              teacher_targets=targets, progress=False)
+    full = fit(make(5), tiny, recipe, step=step, ckpt_dir=str(tmp_path / "a"),
+               results_dir=str(tmp_path / "ra"), **kw)
+    # second run: killed in the middle of epoch 2 (4 steps per epoch), then started again
+    b = dict(ckpt_dir=str(tmp_path / "b"), results_dir=str(tmp_path / "rb"))
+    with pytest.raises(Interrupt):
+        fit(make(5), tiny, recipe, step=_interrupting(step, 6), **b, **kw)
+    resumed = fit(make(5), tiny, recipe, step=step, **b, **kw)
+    assert resumed.resumed_from_epoch == 1
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert [h["test_acc"] for h in full.record["history"]] == [h["test_acc"] for h in resumed.record["history"]]
+    assert [h["train_loss"] for h in full.record["history"]] == [h["train_loss"] for h in resumed.record["history"]]
+
+
+def test_run_record_holds_what_produced_the_number(tiny, dirs, tmp_path):
+    run = fit(kd.models.build("lightnn", seed=0), tiny, Recipe(epochs=2, batch_size=32), chapter="baseline",
+              method="ce", profile="smoke", params={"note": 1}, **dirs)
+    rec = json.loads(run.record_path.read_text())
+    for field in kd.results.REQUIRED:
+        assert field in rec, field
+    assert rec["data_source"] == "synthetic" and rec["epochs"] == 2 and len(rec["history"]) == 2
+    assert rec["test_acc"] == rec["history"][-1]["test_acc"] and rec["params"]["note"] == 1
+    assert rec["params"]["lr"] == 1e-3 and rec["device"].startswith("cpu")
+    assert set(rec["history"][0]) == {"epoch", "train_loss", "test_acc", "lr", "seconds"}
+    df = kd.results.load_records(dirs["results_dir"])
+    assert list(df["method"]) == ["ce"]
+
+
+def test_summaries_give_mean_and_std_over_seeds(tiny, dirs):
+    runs = kd.methods.run_method("ce", tiny, seeds=[0, 1, 2], epochs=1, batch_size=32, **dirs)
+    table = kd.results.summarize(kd.results.load_records(dirs["results_dir"]))
+    accs = torch.tensor([r.test_acc for r in runs], dtype=torch.float64)
+    assert table.loc[0, "seeds"] == 3
+    assert table.loc[0, "acc_mean"] == pytest.approx(accs.mean().item())
+    assert table.loc[0, "acc_std"] == pytest.approx(accs.std().item())
+
+
+def test_teacher_is_trained_once_then_loaded(tiny, dirs):
+    first = _teacher(tiny, dirs)
+    second = _teacher(tiny, dirs)
+    assert first.resumed_from_epoch == 0 and second.resumed_from_epoch == 2
+    assert second.record["run_key"] == first.record["run_key"]
+    assert all(torch.equal(v, second.model.state_dict()[k]) for k, v in first.model.state_dict().items())
+    assert not second.model.training and not any(p.requires_grad for p in second.model.parameters())
+
+
+def test_nan_loss_stops_with_epoch_step_and_lr_and_keeps_the_last_good_checkpoint(tiny, dirs):
+    recipe = Recipe(epochs=2, batch_size=16)
+    calls = {"n": 0}
+
+    def step(model, x, y, t):
+        calls["n"] += 1
+        loss = kd.methods.ce_step(model, x, y, t)
+        return loss * float("nan") if calls["n"] == 7 else loss  # epoch 2, step 3
+    with pytest.raises(TrainingDiverged, match=r"epoch 2, step 3 \(learning rate 0.001\).*last good checkpoint"):
+        fit(kd.models.build("lightnn", seed=0), tiny, recipe, chapter="t", method="nan", step=step, **dirs)
+    ckpts = list((kd.settings.ckpt_dir(dirs["ckpt_dir"]) / "t").glob("*.pt"))
+    assert len(ckpts) == 1 and load_checkpoint(ckpts[0])["epoch"] == 1
+
+
+def test_gpu_asked_for_where_none_exists():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(RuntimeError, match="'cuda' was asked for, but PyTorch sees no CUDA GPU"):
+        kd.train.pick_device("cuda")
+
+
+def test_unwritable_results_folder_is_refused_before_training(tiny, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(PermissionError, match="cannot write to .*a-file"):
+        fit(kd.models.build("lightnn", seed=0), tiny, Recipe(epochs=1), chapter="t", method="ce",
+            ckpt_dir=str(tmp_path / "c"), results_dir=str(blocker / "results"), progress=False)
+    assert not (tmp_path / "c" / "t").exists() or not list((tmp_path / "c" / "t").glob("*.pt"))
+
+
+def test_checkpoint_of_another_architecture_names_keys_and_shapes():
+    with pytest.raises(CheckpointError, match=r"shape mismatch: features.0.weight: checkpoint \(128, 3, 3, 3\)"):
+        load_state_dict_strict(kd.models.LightNN(), kd.models.DeepNN().state_dict())
+
+
+def test_truncated_checkpoint_is_reported_with_its_name(tmp_path):
+    path = tmp_path / "run.pt"
+    atomic_save({"w": torch.ones(1000)}, path)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(CheckpointError, match=r"run.pt: it is truncated or corrupted.*Delete the file"):
+        load_checkpoint(path)
+
+
+class Payload:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_pickle_with_executable_payload_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Payload()}, path)
+    with pytest.raises(CheckpointError, match="refused for safety"):
+        load_checkpoint(path)
+    assert not (tmp_path / "PWNED").exists()
+    with open(path, "rb"):
+        pass
+    assert pickle  # the payload is a real pickle: plain pickle.load would have run it
