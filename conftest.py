@@ -41,4 +41,3 @@ def pytest_configure(config):
     data = _data_dir()
     if data:
         os.environ["KD_DATA_DIR"] = data
-    os.environ.setdefault("MPLBACKEND", "Agg")

@@ -64,6 +64,11 @@ class HintStudent(nn.Module):
     def forward(self, x, return_features=False):
         return self.student(x, return_features=return_features)
 
+    @property
+    def deployed(self) -> nn.Module:
+        """What is kept after training: the student alone."""
+        return self.student
+
 
 def hint_targets(teacher, x):
     """The teacher's last feature map, ``(N, 32, 8, 8)``."""

@@ -75,3 +75,18 @@ def build(name: str, *, seed: int | None = None, num_classes: int = 10) -> nn.Mo
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (all, or only those with ``requires_grad``)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def flops_per_image(model: nn.Module, image_size: int = 32) -> int:
+    """Floating-point operations of one forward pass on one image (``torch.utils.flop_counter``).
+
+    Counts a multiply-add as 2 FLOPs, over convolutions and matrix products.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, image_size, image_size, device=device))
+    model.train(was_training)
+    return counter.get_total_flops()

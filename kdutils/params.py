@@ -156,6 +156,7 @@ SCHEMAS: dict[str, dict[str, Callable]] = {
                "T": positive_float, "alpha": probability},
     "cosine": {**COMMON, **TEACHER, "hidden_weight": weight, "ce_weight": weight},
     "regressor": {**COMMON, **TEACHER, "hint_weight": weight, "ce_weight": weight},
+    "results": {"results_dir": optional_path},
 }
 
 # R5's recipe: Adam 1e-3, batch 128, 10 epochs, no augmentation; three seeds per method.
@@ -169,6 +170,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "hinton": {**_R5, "student": "lightnn", "T": 5.0, "alpha": 0.5},
     "cosine": {**_R5, "hidden_weight": 0.3, "ce_weight": 0.7},
     "regressor": {**_R5, "hint_weight": 0.7, "ce_weight": 0.3},
+    "results": {"results_dir": None},
 }
 
 # Names an IPython namespace holds besides the parameters.
@@ -213,6 +215,8 @@ def check(chapter: str, **values: Any) -> Params:
 
 def _apply_profile(p: Params) -> Params:
     prof = PROFILES[p.profile]
+    if "profile" not in p:  # a chapter that trains nothing (the results chapter)
+        return p
     p["train_size"] = prof.get("train_size")  # None: the whole split
     p["test_size"] = prof.get("test_size")
     for name in ("epochs", "teacher_epochs"):

@@ -33,6 +33,7 @@ def device_name(device: torch.device) -> str:
 def make_record(*, chapter, method, profile, device, data, recipe, params, history, model,
                 key, teacher_key, wall_time_s) -> dict:
     from .models import count_params
+    deployed = getattr(model, "deployed", model)  # e.g. a student without its training-only regressor
     return {
         "chapter": chapter, "method": method, "profile": profile,
         "device": device_name(device), "data_source": data.source,
@@ -41,7 +42,8 @@ def make_record(*, chapter, method, profile, device, data, recipe, params, histo
         "test_acc": history[-1]["test_acc"] if history else None,
         "history": history, "wall_time_s": round(wall_time_s, 2),
         "params": {**asdict(recipe), **params},
-        "model": type(model).__name__, "model_params": count_params(model),
+        "model": type(deployed).__name__, "model_params": count_params(deployed),
+        "train_params": count_params(model),
         "teacher_key": teacher_key, "run_key": key,
         "torch_version": torch.__version__,
         "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -109,3 +109,16 @@ def test_random_crop_flip_is_a_padded_shift_or_its_mirror():
                     found, flips = True, flips + 1
         assert found
     assert 15 < flips < 49  # about half are flipped
+
+
+def test_failed_download_offline_names_the_folder_and_both_ways_out(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(D.DataNotFoundError) as e:
+        D.load_cifar10(tmp_path / "nothing")
+    msg = str(e.value)
+    assert "downloading it failed (OSError" in msg and str(tmp_path / "nothing") in msg
+    assert "cifar-10-batches-py" in msg and "KD_DATA_DIR" in msg

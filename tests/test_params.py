@@ -77,7 +77,8 @@ def _parameters_cell(nb_path):
 
 
 CHAPTERS = {"01_introduction": "introduction", "02_baseline": "baseline", "03_hinton_kd": "hinton",
-            "04_cosine_hidden_state": "cosine", "05_intermediate_regressor": "regressor"}
+            "04_cosine_hidden_state": "cosine", "05_intermediate_regressor": "regressor",
+            "06_results": "results"}
 
 
 @pytest.mark.parametrize("stem,chapter", CHAPTERS.items())

@@ -198,3 +198,35 @@ def test_pickle_with_executable_payload_is_refused(tmp_path, monkeypatch):
     with open(path, "rb"):
         pass
     assert pickle  # the payload is a real pickle: plain pickle.load would have run it
+
+
+def test_missing_teacher_is_named_when_training_it_is_not_allowed(tiny, dirs):
+    with pytest.raises(kd.teachers.TeacherMissing, match=r"looked for .*teacher/deepnn-full-seed0-.*\.pt"):
+        kd.teachers.get_teacher("deepnn", tiny, Recipe(epochs=2, batch_size=16), train_if_missing=False, **dirs)
+    _teacher(tiny, dirs)
+    assert kd.teachers.get_teacher("deepnn", tiny, Recipe(epochs=2, batch_size=16), train_if_missing=False,
+                                   **dirs).resumed_from_epoch == 2
+
+
+def test_unknown_method_and_missing_teacher_for_a_method(tiny, dirs):
+    with pytest.raises(ValueError, match="unknown method 'dkd'; known: ce, kd, cosine, hint"):
+        kd.methods.run_method("dkd", tiny, seeds=[0], epochs=1, **dirs)
+    with pytest.raises(ValueError, match="method 'kd' needs a teacher"):
+        kd.methods.run_method("kd", tiny, seeds=[0], epochs=1, **dirs)
+    with pytest.raises(ValueError, match="takes the weights"):
+        kd.methods.run_method("kd", tiny, seeds=[0], epochs=1, teacher=None, beta=1.0, **dirs)
+
+
+def test_unwritable_checkpoint_folder_is_refused(tiny, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(PermissionError, match="cannot write to .*file/t"):
+        fit(kd.models.build("lightnn", seed=0), tiny, Recipe(epochs=1), chapter="t", method="ce",
+            ckpt_dir=str(blocker), results_dir=str(tmp_path / "r"), progress=False)
+
+
+def test_precomputed_outputs_are_refused_when_the_recipe_augments(tiny, dirs):
+    with pytest.raises(ValueError, match="the recipe augments"):
+        fit(kd.models.build("lightnn", seed=0), tiny, Recipe(epochs=1, augment=True), chapter="t",
+            method="kd", step=kd.methods.kd_step, teacher=kd.models.build("lightnn", seed=1),
+            teacher_targets=kd.methods.kd_targets, teacher_outputs={"logits": torch.zeros(64, 10)}, **dirs)
