@@ -93,4 +93,31 @@ def hint_loss(student_logits: torch.Tensor, student_regressed: torch.Tensor,
             + ce_weight * ce_loss(student_logits, labels))
 
 
-LOSSES = {"ce": ce_loss, "kd": kd_loss, "cosine": cosine_loss, "hint": hint_loss}
+
+
+
+def byot_loss(exit_logits: list[torch.Tensor], exit_features: list[torch.Tensor],
+              labels: torch.Tensor, T: float = 4.0, kd_weight: float = 0.7,
+              feature_weight: float = 0.3, detach_teacher: bool = False) -> torch.Tensor:
+    """Self-distillation across exits ("Be Your Own Teacher"), as in R1.
+
+    With the deepest exit ``K`` as teacher (logits ``p_K``, features ``h_K``)::
+
+        L = CE(p_K, y) + sum_{i<K} [ CE(p_i, y)
+                                     + kd_weight * T^2 * KL(softmax(p_K/T) || softmax(p_i/T))
+                                     + feature_weight * MSE(h_i, resize(h_K.detach(), h_i)) ]
+
+    ``resize`` is bilinear interpolation to the spatial size of ``h_i``. The teacher's
+    features are always detached; its logits only with ``detach_teacher=True`` (R1 does not
+    detach them, so the KL terms also train the deepest exit towards the shallow ones).
+    """
+    teacher_logits = exit_logits[-1].detach() if detach_teacher else exit_logits[-1]
+    teacher_feat = exit_features[-1].detach()
+    loss = ce_loss(exit_logits[-1], labels)
+    for p, h in zip(exit_logits[:-1], exit_features[:-1]):
+        target = F.interpolate(teacher_feat, size=h.shape[-2:], mode="bilinear", align_corners=False)
+        loss = (loss + ce_loss(p, labels)
+                + kd_weight * soft_target_loss(p, teacher_logits, T)
+                + feature_weight * F.mse_loss(h, target))
+    return loss
+LOSSES = {"ce": ce_loss, "kd": kd_loss, "cosine": cosine_loss, "hint": hint_loss, "byot": byot_loss}

@@ -90,3 +90,57 @@ def flops_per_image(model: nn.Module, image_size: int = 32) -> int:
         model(torch.zeros(1, 3, image_size, image_size, device=device))
     model.train(was_training)
     return counter.get_total_flops()
+
+
+# ---- Part II: ResNets with a CIFAR stem ------------------------------------------------------
+
+def cifar_resnet(depth: int = 18, num_classes: int = 10) -> nn.Module:
+    """torchvision's ResNet18/34/50 with the CIFAR stem: 3x3 stride-1 conv, no max-pool.
+
+    The stem is replaced while the network is built, before any weights are loaded: loading
+    first and replacing the stem afterwards (as R2 did) throws the loaded stem away.
+    """
+    import torchvision
+    builders = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34,
+                50: torchvision.models.resnet50}
+    if depth not in builders:
+        raise ValueError(f"unknown ResNet depth {depth}; known: {', '.join(map(str, builders))}")
+    net = builders[depth](weights=None, num_classes=num_classes)
+    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
+class MultiExitResNet18(nn.Module):
+    """R1's self-distillation ResNet18 ("Be Your Own Teacher"): four exits, one per stage.
+
+    After each stage (64, 128, 256, 512 channels) a bottleneck (1x1 conv to 256 channels with
+    bias, then BN, no ReLU) gives a feature map ``h_i``; global average pooling and a
+    ``Linear(256, num_classes)`` give the exit's logits ``p_i``. ``forward`` returns
+    ``([p1, p2, p3, p4], [h1, h2, h3, h4])``; exit 4 is the deepest.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 256):
+        super().__init__()
+        base = cifar_resnet(18, num_classes)
+        self.stem = nn.Sequential(base.conv1, base.bn1, base.relu)
+        self.stages = nn.ModuleList([base.layer1, base.layer2, base.layer3, base.layer4])
+        self.bottlenecks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, width, kernel_size=1), nn.BatchNorm2d(width))
+            for c in (64, 128, 256, 512))
+        self.heads = nn.ModuleList(nn.Linear(width, num_classes) for _ in range(4))
+
+    def forward(self, x):
+        logits, feats = [], []
+        x = self.stem(x)
+        for stage, bottleneck, head in zip(self.stages, self.bottlenecks, self.heads):
+            x = stage(x)
+            h = bottleneck(x)
+            feats.append(h)
+            logits.append(head(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1)))
+        return logits, feats
+
+
+MODELS.update({"resnet18": lambda num_classes=10: cifar_resnet(18, num_classes),
+               "resnet50": lambda num_classes=10: cifar_resnet(50, num_classes),
+               "resnet18_multiexit": MultiExitResNet18})
