@@ -246,14 +246,18 @@ def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, meth
         from tqdm.auto import tqdm
         bar = tqdm(total=recipe.epochs * steps, initial=start * steps, mininterval=2,
                    desc=f"{chapter}/{method} seed {recipe.seed}", leave=False)
+    # The loop reseeds the global generators every epoch; fork_rng hands the caller's back.
+    rng = torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [])
     try:
-        for epoch in range(start, recipe.epochs):
-            history.append(_train_epoch(model, train_loader, test_loader, opt, sched, step,
-                                        teacher, teacher_targets, cached, recipe, epoch, ckpt, bar))
-            atomic_save({"key": key, "epoch": epoch + 1, "model": model.state_dict(),
-                         "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict() if sched is not None else None,
-                         "history": history, "extra_s": extra_s}, ckpt)
+        with rng:
+            for epoch in range(start, recipe.epochs):
+                history.append(_train_epoch(model, train_loader, test_loader, opt, sched, step,
+                                            teacher, teacher_targets, cached, recipe, epoch,
+                                            ckpt, bar))
+                atomic_save({"key": key, "epoch": epoch + 1, "model": model.state_dict(),
+                             "optimizer": opt.state_dict(),
+                             "scheduler": sched.state_dict() if sched is not None else None,
+                             "history": history, "extra_s": extra_s}, ckpt)
     finally:
         if bar is not None:
             bar.close()

@@ -230,3 +230,11 @@ def test_precomputed_outputs_are_refused_when_the_recipe_augments(tiny, dirs):
         fit(kd.models.build("lightnn", seed=0), tiny, Recipe(epochs=1, augment=True), chapter="t",
             method="kd", step=kd.methods.kd_step, teacher=kd.models.build("lightnn", seed=1),
             teacher_targets=kd.methods.kd_targets, teacher_outputs={"logits": torch.zeros(64, 10)}, **dirs)
+
+
+def test_fit_leaves_the_callers_random_state_alone(tiny, dirs):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    fit(kd.models.build("lightnn", seed=0), tiny, Recipe(epochs=1, batch_size=32), chapter="t", method="ce", **dirs)
+    assert torch.equal(torch.rand(3), expected)

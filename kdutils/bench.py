@@ -1,0 +1,224 @@
+"""Throughput benchmark: the reference notebooks' training step against kdutils', side by side.
+
+    python -m kdutils.bench                      # every setup, sizes adapted to the device
+    python -m kdutils.bench --setups lightnn_kd deepnn_ce --steps 20 --repeats 5
+
+For each setup it times, in the same process, a full training step (data, teacher, student
+forward and backward, optimiser) in two styles:
+
+* ``reference``: a torchvision ``DataLoader`` over PIL images with per-sample transforms,
+  fp32, NCHW, the teacher in fp32 run at every step (as the R notebooks do);
+* ``kdutils``: batches cut from uint8 tensors on the device and augmented there, channels_last,
+  autocast where it pays (CUDA), the teacher in inference mode (and its outputs precomputed
+  when nothing is augmented, as the chapters do).
+
+It prints images/s of the step (median over repeats, warm-up excluded), the ratio, the data
+pipeline alone, and peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import data as D
+from .losses import byot_loss, kd_loss
+from .models import build
+from .train import pick_device
+
+
+@dataclass(frozen=True)
+class Setup:
+    student: str
+    teacher: str | None = None
+    loss: str = "ce"
+    augment: bool = False
+    optimizer: str = "adam"
+
+
+SETUPS = {
+    "lightnn_ce": Setup("lightnn"),
+    "lightnn_kd": Setup("lightnn", "deepnn", "kd"),
+    "deepnn_ce": Setup("deepnn"),
+    "resnet18_ce": Setup("resnet18", augment=True, optimizer="sgd"),
+    "resnet18_kd": Setup("resnet18", "resnet50", "kd", augment=True, optimizer="sgd"),
+    "resnet18_byot": Setup("resnet18_multiexit", loss="byot", augment=True, optimizer="sgd"),
+}
+
+
+def _loss(setup: Setup, out, y, t_logits):
+    if setup.loss == "byot":
+        return byot_loss(out[0], out[1], y)
+    if setup.loss == "kd":
+        return kd_loss(out, t_logits, y, T=4.0, alpha=0.5)
+    return F.cross_entropy(out, y)
+
+
+def _optimizer(setup, model):
+    if setup.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    return torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
+class _PILDataset(torch.utils.data.Dataset):
+    """Images as PIL objects with per-sample torchvision transforms, like the R notebooks."""
+
+    def __init__(self, x_uint8, y, augment, mean, std):
+        from PIL import Image
+        from torchvision import transforms as T
+        self.images = [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in x_uint8]
+        self.y = y.tolist()
+        steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []
+        self.transform = T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), self.y[i]
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_steps(step, batches, device, warmup, steps, repeats, batch_size):
+    it = iter(batches())
+    rates = []
+    for _ in range(warmup):
+        step(next(it))
+    _sync(device)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            try:
+                b = next(it)
+            except StopIteration:
+                it = iter(batches())
+                b = next(it)
+            step(b)
+        _sync(device)
+        rates.append(steps * batch_size / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def bench_setup(name: str, images, labels, *, device, batch_size, warmup, steps, repeats,
+                workers, amp) -> dict:
+    setup = SETUPS[name]
+    n_needed = batch_size * (warmup + steps * repeats + 1)
+    x, y = images[:n_needed], labels[:n_needed]
+    mean, std = D.CIFAR10_MEAN, D.CIFAR10_STD
+    row = {"setup": name, "device": str(device), "batch": batch_size}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # --- reference style --------------------------------------------------------------
+    ds = _PILDataset(x, y, setup.augment, mean, std)
+    loader = lambda: torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True,  # noqa: E731
+                                                 num_workers=workers, drop_last=True)
+    student = build(setup.student, seed=0).to(device).train()
+    teacher = build(setup.teacher, seed=1).to(device).eval() if setup.teacher else None
+    opt = _optimizer(setup, student)
+
+    def ref_step(batch):
+        xb, yb = batch[0].to(device), batch[1].to(device)
+        t = None
+        if teacher is not None:
+            with torch.no_grad():
+                t = teacher(xb)
+        loss = _loss(setup, student(xb), yb, t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    row["reference img/s"] = _time_steps(ref_step, loader, device, warmup, steps, repeats, batch_size)
+    row["reference data img/s"] = _time_steps(lambda b: None, loader, device, 1, steps, repeats, batch_size)
+
+    # --- kdutils style ----------------------------------------------------------------
+    cl = torch.channels_last
+    student = build(setup.student, seed=0).to(device, memory_format=cl).train()
+    teacher = build(setup.teacher, seed=1).to(device, memory_format=cl).eval() if setup.teacher else None
+    opt = _optimizer(setup, student)
+    tl = D.TensorLoader(x, y, batch_size, shuffle=True, augment=setup.augment, device=device,
+                        drop_last=True, channels_last=True)
+    use_amp = amp and device.type == "cuda"
+    precomputed = None
+    if teacher is not None and not setup.augment:  # exact: the teacher sees the same tensors every epoch
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
+            fixed = D.TensorLoader(x, y, 500, shuffle=False, device=device, channels_last=True)
+            precomputed = torch.cat([teacher(xb).float() for xb, _, _ in fixed])
+
+    def kd_step(batch):
+        xb, yb, idx = batch
+        t = None
+        if precomputed is not None:
+            t = precomputed[idx]
+        elif teacher is not None:
+            with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
+                t = teacher(xb).float()
+            t = t.clone()  # leave inference mode: the loss keeps it for backward
+        with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
+            loss = _loss(setup, student(xb), yb, t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    row["kdutils img/s"] = _time_steps(kd_step, lambda: tl, device, warmup, steps, repeats, batch_size)
+    row["kdutils data img/s"] = _time_steps(lambda b: None, lambda: tl, device, 1, steps, repeats, batch_size)
+    row["speed-up"] = row["kdutils img/s"] / row["reference img/s"]
+    if device.type == "cuda":
+        row["peak GPU memory (MB)"] = torch.cuda.max_memory_allocated(device) / 2**20
+    row["peak RSS (MB)"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m kdutils.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per repeat")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference style")
+    ap.add_argument("--no-amp", action="store_true", help="no autocast on CUDA")
+    ap.add_argument("--synthetic", action="store_true", help="random images instead of CIFAR-10")
+    ap.add_argument("--data-dir", default=None)
+    args = ap.parse_args(argv)
+    for name in ("batch_size", "repeats"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    device = pick_device(args.device)
+    steps = args.steps or (50 if device.type == "cuda" else 5)
+    if args.synthetic:
+        g = torch.Generator().manual_seed(0)
+        n = args.batch_size * (args.warmup + steps * args.repeats + 1)
+        images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+        labels = torch.randint(0, 10, (n,), generator=g)
+        source = "synthetic"
+    else:
+        d = D.load_cifar10(args.data_dir, verbose=False)
+        images, labels, source = d.train_x, d.train_y, d.source
+    import pandas as pd
+    rows = []
+    for name in args.setups:
+        rows.append(bench_setup(name, images, labels, device=device, batch_size=args.batch_size,
+                                warmup=args.warmup, steps=steps, repeats=args.repeats,
+                                workers=args.workers, amp=not args.no_amp))
+        print(f"{name}: reference {rows[-1]['reference img/s']:.0f} img/s, kdutils "
+              f"{rows[-1]['kdutils img/s']:.0f} img/s ({rows[-1]['speed-up']:.2f}x)", flush=True)
+    table = pd.DataFrame(rows)
+    print(f"\ndevice: {device} | data: {source} | batch {args.batch_size} | {steps} steps x "
+          f"{args.repeats} repeats after {args.warmup} warm-up | torch {torch.__version__}")
+    print(table.round(2).to_string(index=False))
+    return table
+
+
+if __name__ == "__main__":
+    main()

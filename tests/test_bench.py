@@ -1,0 +1,19 @@
+"""The benchmark runs end to end in a tiny size, so it cannot rot."""
+import pytest
+
+from kdutils import bench
+
+
+def test_bench_runs_every_setup_and_reports_both_styles(capsys):
+    table = bench.main(["--synthetic", "--batch-size", "8", "--steps", "1", "--repeats", "1",
+                        "--warmup", "1", "--workers", "0", "--device", "cpu"])
+    assert list(table["setup"]) == list(bench.SETUPS)
+    for col in ("reference img/s", "kdutils img/s", "reference data img/s", "kdutils data img/s"):
+        assert (table[col] > 0).all(), col
+    assert ((table["speed-up"] - table["kdutils img/s"] / table["reference img/s"]).abs() < 1e-9).all()
+    assert "speed-up" in capsys.readouterr().out
+
+
+def test_bench_refuses_bad_sizes():
+    with pytest.raises(SystemExit):
+        bench.main(["--synthetic", "--batch-size", "0"])
