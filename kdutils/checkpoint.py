@@ -16,6 +16,10 @@ from typing import Any
 import torch
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is unreadable, truncated, unsafe, or does not fit the model."""
 
@@ -29,6 +33,7 @@ def _atomic_write(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

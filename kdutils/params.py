@@ -214,9 +214,9 @@ def check(chapter: str, **values: Any) -> Params:
 
 
 def _apply_profile(p: Params) -> Params:
-    prof = PROFILES[p.profile]
     if "profile" not in p:  # a chapter that trains nothing (the results chapter)
         return p
+    prof = PROFILES[p.profile]
     p["train_size"] = prof.get("train_size")  # None: the whole split
     p["test_size"] = prof.get("test_size")
     for name in ("epochs", "teacher_epochs"):

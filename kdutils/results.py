@@ -92,12 +92,13 @@ def summarize(records, by=("chapter", "method")):
     if len(records) == 0:
         return pd.DataFrame()
     by = list(by)
-    g = records.groupby(by, sort=False)
-    out = g.agg(acc_mean=("test_acc", "mean"), acc_std=("test_acc", "std"),
-                seeds=("seed", "nunique"), epochs=("epochs", "first"),
-                profile=("profile", "first"), device=("device", "first"),
-                data_source=("data_source", "first"), wall_time_s=("wall_time_s", "mean"),
-                model_params=("model_params", "first"))
+    aggregations = dict(acc_mean=("test_acc", "mean"), acc_std=("test_acc", "std"),
+                        seeds=("seed", "nunique"), epochs=("epochs", "first"),
+                        profile=("profile", "first"), device=("device", "first"),
+                        data_source=("data_source", "first"), wall_time_s=("wall_time_s", "mean"),
+                        model_params=("model_params", "first"))
+    out = records.groupby(by, sort=False).agg(
+        **{k: v for k, v in aggregations.items() if k not in by})
     return out.reset_index()
 
 

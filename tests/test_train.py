@@ -238,3 +238,10 @@ def test_fit_leaves_the_callers_random_state_alone(tiny, dirs):
     torch.manual_seed(123)
     fit(kd.models.build("lightnn", seed=0), tiny, Recipe(epochs=1, batch_size=32), chapter="t", method="ce", **dirs)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_summaries_can_group_by_any_record_field(tiny, dirs):
+    kd.methods.run_method("ce", tiny, seeds=[0, 1], epochs=1, batch_size=32, **dirs)
+    table = kd.results.summarize(kd.results.load_records(dirs["results_dir"]),
+                                 by=["chapter", "method", "profile", "data_source", "model"])
+    assert table.loc[0, "seeds"] == 2 and table.loc[0, "data_source"] == "synthetic"
