@@ -25,6 +25,9 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 MATHJAX_DIR = ROOT / ".data" / "mathjax"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# Script errors of Jupyter Book 1's own theme, not of the book: sphinx-thebe's loader is
+# included twice on every page, and the second copy redeclares a constant.
+KNOWN_THEME_ERRORS = ("Identifier 'THEBE_JS_URL' has already been declared",)
 # chapter page -> (expects figures, expects maths)
 PAGES = {"01_introduction": (True, True), "02_baseline": (True, False), "03_hinton_kd": (True, True),
          "04_cosine_hidden_state": (True, True), "05_intermediate_regressor": (True, True),
@@ -104,13 +107,13 @@ def test_page_renders_as_a_reader_sees_it(browser, server, name):
         assert sizes, f"{name}: no figure on the page"
         assert all(done and w > 0 and h > 0 for done, w, h in sizes), f"{name}: broken image {sizes}"
     if maths:
-        page.wait_for_selector("mjx-container", timeout=20_000)
+        page.wait_for_selector("article mjx-container", state="attached", timeout=20_000)
         assert page.locator("article mjx-container").count() > 0
         assert page.locator("mjx-merror").count() == 0, f"{name}: MathJax could not parse a formula"
     shots = Path(os.environ.get("KD_SCREENSHOT_DIR", ROOT / "screenshots"))
     shots.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
-    assert not errors, errors
+    assert not [e for e in errors if not any(k in e for k in KNOWN_THEME_ERRORS)], errors
     page.close()
 
 
