@@ -22,14 +22,15 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 from . import data as D
-from .losses import byot_loss, kd_loss
+from . import methods
+from .losses import byot_loss
 from .models import build
-from .train import pick_device
+from .train import Recipe, _optimizer, pick_device, precompute_teacher
 
 
 @dataclass(frozen=True)
@@ -51,18 +52,19 @@ SETUPS = {
 }
 
 
-def _loss(setup: Setup, out, y, t_logits):
-    if setup.loss == "byot":
-        return byot_loss(out[0], out[1], y)
-    if setup.loss == "kd":
-        return kd_loss(out, t_logits, y, T=4.0, alpha=0.5)
-    return F.cross_entropy(out, y)
-
-
-def _optimizer(setup, model):
+def _step_and_optimizer(setup: Setup, model):
+    """The chapters' own step function and optimiser for this setup."""
     if setup.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    return torch.optim.Adam(model.parameters(), lr=1e-3)
+        recipe = Recipe(epochs=1, lr=0.05, optimizer="sgd", momentum=0.9, weight_decay=5e-4)
+    else:
+        recipe = Recipe(epochs=1)
+    if setup.loss == "byot":
+        step = lambda m, x, y, t: byot_loss(*m(x), y)  # noqa: E731
+    elif setup.loss == "kd":
+        step = partial(methods.kd_step, T=4.0, alpha=0.5)
+    else:
+        step = methods.ce_step
+    return step, _optimizer(model, recipe)
 
 
 class _PILDataset(torch.utils.data.Dataset):
@@ -124,15 +126,15 @@ def bench_setup(name: str, images, labels, *, device, batch_size, warmup, steps,
                                                  num_workers=workers, drop_last=True)
     student = build(setup.student, seed=0).to(device).train()
     teacher = build(setup.teacher, seed=1).to(device).eval() if setup.teacher else None
-    opt = _optimizer(setup, student)
+    step, opt = _step_and_optimizer(setup, student)
 
     def ref_step(batch):
         xb, yb = batch[0].to(device), batch[1].to(device)
         t = None
         if teacher is not None:
             with torch.no_grad():
-                t = teacher(xb)
-        loss = _loss(setup, student(xb), yb, t)
+                t = {"logits": teacher(xb)}
+        loss = step(student, xb, yb, t)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -144,27 +146,26 @@ def bench_setup(name: str, images, labels, *, device, batch_size, warmup, steps,
     cl = torch.channels_last
     student = build(setup.student, seed=0).to(device, memory_format=cl).train()
     teacher = build(setup.teacher, seed=1).to(device, memory_format=cl).eval() if setup.teacher else None
-    opt = _optimizer(setup, student)
+    step, opt = _step_and_optimizer(setup, student)
     tl = D.TensorLoader(x, y, batch_size, shuffle=True, augment=setup.augment, device=device,
                         drop_last=True, channels_last=True)
     use_amp = amp and device.type == "cuda"
     precomputed = None
     if teacher is not None and not setup.augment:  # exact: the teacher sees the same tensors every epoch
-        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
-            fixed = D.TensorLoader(x, y, 500, shuffle=False, device=device, channels_last=True)
-            precomputed = torch.cat([teacher(xb).float() for xb, _, _ in fixed])
+        images = D.ImageData(x, y, x[:1], y[:1], D.CIFAR10_CLASSES, "bench")
+        precomputed = precompute_teacher(teacher, methods.kd_targets, images, device)["logits"]
 
     def kd_step(batch):
         xb, yb, idx = batch
         t = None
         if precomputed is not None:
-            t = precomputed[idx]
+            t = {"logits": precomputed[idx]}
         elif teacher is not None:
             with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
-                t = teacher(xb).float()
-            t = t.clone()  # leave inference mode: the loss keeps it for backward
+                logits = teacher(xb).float()
+            t = {"logits": logits.clone()}  # leave inference mode: the loss keeps it for backward
         with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
-            loss = _loss(setup, student(xb), yb, t)
+            loss = step(student, xb, yb, t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

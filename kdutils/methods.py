@@ -125,21 +125,17 @@ def run_method(method: str, data, *, seeds, epochs, batch_size=128, lr=1e-3, tea
     runs = []
     for seed in seeds:
         recipe = Recipe(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+        model = make(seed)
         kw = {}
         if targets is not None:
             kw = dict(teacher=teacher.model, teacher_targets=targets,
                       teacher_key=teacher.record["run_key"])
-            if outputs is None and not _finished(make(seed), data, recipe, shared, kw):
+            _, ckpt, _ = run_paths(model, data, recipe, chapter=chapter, method=method, params=w,
+                                   profile=profile, teacher_key=kw["teacher_key"], ckpt_dir=ckpt_dir)
+            if outputs is None and not is_finished(ckpt, recipe.epochs):  # a reload needs no teacher pass
                 outputs = precompute_teacher(teacher.model.to(pick_device(device)).eval(),
                                              targets, data, pick_device(device))
             kw["teacher_outputs"] = outputs
-        runs.append(fit(make(seed), data, recipe, **shared, **kw))
+        runs.append(fit(model, data, recipe, **shared, **kw))
     return runs
 
-
-def _finished(model, data, recipe, shared, kw) -> bool:
-    """Whether this run's checkpoint already holds all its epochs (no teacher pass needed)."""
-    _, ckpt, _ = run_paths(model, data, recipe, chapter=shared["chapter"], method=shared["method"],
-                           params=shared["params"], profile=shared["profile"],
-                           teacher_key=kw.get("teacher_key"), ckpt_dir=shared["ckpt_dir"])
-    return is_finished(ckpt, recipe.epochs)

@@ -81,6 +81,13 @@ def load_records(results_dir=None, chapter: str | None = None):
     return pd.DataFrame(rows)
 
 
+def to_frame(runs):
+    """The records of ``runs`` (what :func:`kdutils.train.fit` returned) as a DataFrame,
+    one row per run, with the same columns as :func:`load_records`."""
+    import pandas as pd
+    return pd.DataFrame([{**r.record, "path": str(r.record_path)} for r in runs])
+
+
 def summarize(records, by=("chapter", "method")):
     """Mean and standard deviation of the final test accuracy over seeds, per method.
 

@@ -245,3 +245,10 @@ def test_summaries_can_group_by_any_record_field(tiny, dirs):
     table = kd.results.summarize(kd.results.load_records(dirs["results_dir"]),
                                  by=["chapter", "method", "profile", "data_source", "model"])
     assert table.loc[0, "seeds"] == 2 and table.loc[0, "data_source"] == "synthetic"
+
+
+def test_to_frame_gives_the_records_that_load_records_reads(tiny, dirs):
+    runs = kd.methods.run_method("ce", tiny, seeds=[0, 1], epochs=1, batch_size=32, **dirs)
+    a = kd.results.to_frame(runs)
+    b = kd.results.load_records(dirs["results_dir"])
+    assert list(a["run_key"]) == list(b["run_key"]) and list(a["test_acc"]) == list(b["test_acc"])
