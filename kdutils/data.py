@@ -8,6 +8,7 @@ per epoch, and the batch order and augmentation of every epoch follow from ``(se
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,8 @@ class ImageData:
     std: tuple[float, ...] = CIFAR10_STD
     folder: str = ""
     info: dict = field(default_factory=dict)
+    val_x: torch.Tensor | None = None  # a held-out part of the training set (see holdout)
+    val_y: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         return (f"ImageData(source={self.source!r}, train={tuple(self.train_x.shape)}, "
@@ -63,6 +66,23 @@ class ImageData:
         vx, vy = _stratified(self.test_x, self.test_y, test_size, len(self.classes))
         return ImageData(tx, ty, vx, vy, self.classes, self.source, self.mean, self.std,
                          self.folder, {**self.info, "train_size": len(ty), "test_size": len(vy)})
+
+    def holdout(self, val_size: int, seed: int = 0) -> "ImageData":
+        """Move ``val_size`` training images (a seeded random choice) into a validation set.
+
+        Model selection (which epoch to keep, which weight to use) must look at these, never
+        at the test set and never at training accuracy. The test set is left untouched.
+        """
+        n = len(self.train_y)
+        if not 0 < val_size < n:
+            raise ValueError(f"val_size must be between 1 and {n - 1} (the training set has "
+                             f"{n} images), got {val_size}")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        val, train = perm[:val_size].sort().values, perm[val_size:].sort().values
+        return ImageData(self.train_x[train], self.train_y[train], self.test_x, self.test_y,
+                         self.classes, self.source, self.mean, self.std, self.folder,
+                         {**self.info, "train_size": len(train), "val_size": val_size},
+                         self.train_x[val], self.train_y[val])
 
 
 def _stratified(x, y, size, num_classes):
@@ -241,6 +261,47 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) 
     return out.permute(0, 3, 1, 2)
 
 
+def random_erasing(x: torch.Tensor, generator: torch.Generator, p: float = 0.5,
+                   scale=(0.02, 0.33), ratio=(0.3, 3.3)) -> torch.Tensor:
+    """Batched RandomErasing(p, scale, ratio, value=0) on normalised ``(N, C, H, W)`` images.
+
+    Each image, with probability ``p``, gets one rectangle of area ``scale`` times the image
+    and aspect ratio ``ratio`` (log-uniform) set to 0, as torchvision's RandomErasing does
+    (which retries up to 10 times when the rectangle does not fit; here the size is clipped).
+    """
+    n, _, h, w = x.shape
+    g, gd = generator, generator.device
+    area = h * w * torch.empty(n, device=gd).uniform_(*scale, generator=g)
+    logr = torch.empty(n, device=gd).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)
+    eh = (area * logr.exp()).sqrt().round().clamp(1, h).long()
+    ew = (area / logr.exp()).sqrt().round().clamp(1, w).long()
+    top = (torch.rand(n, device=gd, generator=g) * (h - eh + 1)).long()
+    left = (torch.rand(n, device=gd, generator=g) * (w - ew + 1)).long()
+    on = torch.rand(n, device=gd, generator=g) < p
+    dev = x.device
+    rows = torch.arange(h, device=dev)[None, :]
+    cols = torch.arange(w, device=dev)[None, :]
+    top, left, eh, ew, on = (t.to(dev) for t in (top, left, eh, ew, on))
+    in_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])        # (n, h)
+    in_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])      # (n, w)
+    mask = in_rows[:, :, None] & in_cols[:, None, :] & on[:, None, None]  # (n, h, w)
+    return x.masked_fill(mask[:, None], 0.0)
+
+
+def auto_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """torchvision's AutoAugment (CIFAR-10 policy), drawn per image, on uint8 ``(N, C, H, W)``.
+
+    The transform runs on whatever device ``x`` is on (a GPU included); its random draws are
+    seeded from ``generator``, so an epoch's augmentation is reproducible.
+    """
+    from torchvision.transforms import v2
+    policy = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.stack([policy(img) for img in x])
+
+
 class TensorLoader:
     """Batches from uint8 image tensors held on ``device``.
 
@@ -253,7 +314,7 @@ class TensorLoader:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool,
                  augment: bool = False, seed: int = 0, mean=CIFAR10_MEAN, std=CIFAR10_STD,
                  device: str | torch.device = "cpu", drop_last: bool = False,
-                 channels_last: bool = False):
+                 channels_last: bool = False, autoaugment: bool = False, erasing: float = 0.0):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
@@ -262,6 +323,7 @@ class TensorLoader:
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.seed, self.mean, self.std = seed, mean, std
         self.drop_last, self.channels_last = drop_last, channels_last
+        self.autoaugment, self.erasing = autoaugment, erasing
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -281,18 +343,77 @@ class TensorLoader:
             xb = self.x[idx]
             if self.augment:
                 xb = random_crop_flip(xb, g)
+            if self.autoaugment:
+                xb = auto_augment(xb, g)
             xb = normalize(xb, self.mean, self.std)
+            if self.erasing > 0:
+                xb = random_erasing(xb, g, p=self.erasing)
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yield xb, self.y[idx], idx
 
 
 def loaders(data: ImageData, batch_size: int, *, seed: int, augment: bool = False,
-            device="cpu", eval_batch_size: int = 1000, channels_last: bool = False):
+            device="cpu", eval_batch_size: int = 1000, channels_last: bool = False,
+            autoaugment: bool = False, erasing: float = 0.0):
     """The training loader (shuffled) and the test loader (fixed order, no augmentation)."""
     train = TensorLoader(data.train_x, data.train_y, batch_size, shuffle=True, augment=augment,
                          seed=seed, mean=data.mean, std=data.std, device=device,
-                         channels_last=channels_last)
+                         channels_last=channels_last, autoaugment=autoaugment, erasing=erasing)
     test = TensorLoader(data.test_x, data.test_y, eval_batch_size, shuffle=False,
                         mean=data.mean, std=data.std, device=device, channels_last=channels_last)
     return train, test
+
+
+# ------------------------------------------------------------------ ImageNet-sized datasets (R3, R4)
+
+def load_dataset(name: str, data_dir=None, *, image_size: int = 32, train_size: int | None = None,
+                 test_size: int | None = None, download: bool = True) -> ImageData:
+    """CIFAR-10 (32 px), STL10 or Imagenette as uint8 tensors at ``image_size`` pixels.
+
+    STL10 (96 px, 5,000 labelled training and 8,000 test images) and Imagenette (10 ImageNet
+    classes) come through torchvision with ``download=True``; each image is resized (shorter
+    side to ``image_size * 8/7``) and centre-cropped to ``image_size`` once, at load time, as
+    R3/R4's evaluation transforms do, and normalised with ImageNet's statistics (what a
+    pretrained teacher expects).
+    """
+    if name == "cifar10":
+        if image_size != 32:
+            raise ValueError(f"CIFAR-10 images are 32 px; image_size={image_size} would only "
+                             "upsample them. Use image_size=32, or dataset 'stl10'/'imagenette'")
+        return load_cifar10(data_dir, download=download, train_size=train_size, test_size=test_size)
+    if name not in ("stl10", "imagenette"):
+        raise ValueError(f"unknown dataset {name!r}; known: cifar10, stl10, imagenette")
+    import torchvision
+    from torchvision.transforms import v2
+    root = settings.data_dir(data_dir)
+    resize = v2.Compose([v2.PILToTensor(), v2.Resize(round(image_size * 8 / 7), antialias=True),
+                         v2.CenterCrop(image_size)])
+    splits = {}
+    try:
+        for split, tv_split in (("train", "train"), ("test", "test" if name == "stl10" else "val")):
+            if name == "stl10":
+                ds = torchvision.datasets.STL10(str(root), split=tv_split, download=download)
+            else:
+                ds = torchvision.datasets.Imagenette(str(root), split=tv_split, size="320px",
+                                                     download=download and not (root / "imagenette2-320").is_dir())
+            splits[split] = ds
+    except Exception as e:
+        raise DataNotFoundError(
+            f"{name} is not in {root} and could not be downloaded ({type(e).__name__}: {e}). "
+            f"Download it on a machine with internet (torchvision.datasets."
+            f"{'STL10' if name == 'stl10' else 'Imagenette'}(root, download=True)) and point "
+            "data_dir / KD_DATA_DIR at that folder.") from None
+    from tqdm.auto import tqdm
+    tensors = {}
+    for split, ds in splits.items():
+        xs, ys = [], []
+        for img, label in tqdm(ds, desc=f"{name} {split}", mininterval=2, leave=False):
+            xs.append(resize(img.convert("RGB")))
+            ys.append(int(label))
+        tensors[split] = (torch.stack(xs), torch.tensor(ys, dtype=torch.int64))
+    classes = tuple(getattr(splits["train"], "classes", [str(i) for i in range(10)]))
+    classes = tuple(c if isinstance(c, str) else c[0] for c in classes)
+    data = ImageData(*tensors["train"], *tensors["test"], classes, f"torchvision-{name}",
+                     IMAGENET_MEAN, IMAGENET_STD, str(root), {"image_size": image_size})
+    return data.subset(train_size, test_size)

@@ -9,9 +9,11 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .losses import ce_loss, cosine_loss, hint_loss, kd_loss, pool_to_dim
+from .hooks import capture
+from .losses import byot_loss, ce_loss, cosine_loss, hint_loss, kd_loss, pool_to_dim
 from .models import build
 from .train import Recipe, Run, fit, is_finished, pick_device, precompute_teacher, run_paths
 
@@ -139,3 +141,129 @@ def run_method(method: str, data, *, seeds, epochs, batch_size=128, lr=1e-3, tea
         runs.append(fit(model, data, recipe, **shared, **kw))
     return runs
 
+
+
+# ---- Part II: self-distillation across exits (R1) -----------------------------------------
+def byot_step(model, x, y, t, *, T=4.0, kd_weight=0.7, feature_weight=0.3, detach_teacher=False):
+    """R1's loss on a multi-exit network: every exit learns the labels, the shallow exits
+    also the deepest exit's soft predictions and (detached) feature map."""
+    logits, feats = model(x)
+    return byot_loss(logits, feats, y, T=T, kd_weight=kd_weight, feature_weight=feature_weight,
+                     detach_teacher=detach_teacher)
+
+
+# ---- Part II: feature self-distillation through forward hooks (R3) --------------------------
+class HookSelfDistill(nn.Module):
+    """A network plus the trainable 1x1 projection of R3's layer4 -> layer2 feature loss.
+
+    ``forward`` is the network alone. The projection (512 -> 128 channels) lives inside the
+    module, so ``model.parameters()`` hands it to the optimiser: R3 created it outside the
+    model and never trained it. ``deployed`` is the network without the projection.
+    """
+
+    def __init__(self, net: nn.Module, deep="layer4", shallow="layer2", deep_ch=512, shallow_ch=128):
+        super().__init__()
+        self.net, self.deep, self.shallow = net, deep, shallow
+        self.proj = nn.Conv2d(deep_ch, shallow_ch, kernel_size=1)
+
+    def forward(self, x):
+        return self.net(x)
+
+    @property
+    def deployed(self) -> nn.Module:
+        return self.net
+
+
+def hook_sd_step(model, x, y, t, *, hook_weight=0.5):
+    """``hook_weight * MSE(pool(layer2), proj(layer4)) + (1 - hook_weight) * CE``.
+
+    Both maps are captured by forward hooks; layer2's map is average-pooled to layer4's
+    spatial size. ``hook_weight=0`` is the baseline without the term (plain cross-entropy).
+    """
+    if hook_weight == 0:
+        return ce_loss(model(x), y)
+    with capture(model.net, [model.shallow, model.deep]) as f:
+        logits = model.net(x)
+    deep, shallow = f[model.deep], f[model.shallow]
+    shallow = F.adaptive_avg_pool2d(shallow, deep.shape[-2:])
+    return (hook_weight * F.mse_loss(shallow, model.proj(deep))
+            + (1 - hook_weight) * ce_loss(logits, y))
+
+
+# ---- Part II: a pretrained teacher into a small CNN (R4) ----------------------------------
+class FeatureKDStudent(nn.Module):
+    """A student plus the 1x1 projection that maps its last feature map onto the teacher's
+    channel count (training only; ``deployed`` is the student)."""
+
+    def __init__(self, student: nn.Module, student_ch=256, teacher_ch=512, layer="features"):
+        super().__init__()
+        self.student, self.layer = student, layer
+        self.proj = nn.Conv2d(student_ch, teacher_ch, kernel_size=1)
+
+    def forward(self, x):
+        return self.student(x)
+
+    @property
+    def deployed(self) -> nn.Module:
+        return self.student
+
+
+def feature_targets(teacher, x, layer="layer4"):
+    """The teacher's logits and the feature map of ``layer``, captured by a forward hook."""
+    with capture(teacher, [layer]) as f:
+        logits = teacher(x)
+    return {"logits": logits, "map": f[layer]}
+
+
+def match_maps(student_map: torch.Tensor, teacher_map: torch.Tensor):
+    """Average-pool the larger of two feature maps to the other's spatial size."""
+    hs, ht = student_map.shape[-2:], teacher_map.shape[-2:]
+    if hs[0] * hs[1] > ht[0] * ht[1]:
+        student_map = F.adaptive_avg_pool2d(student_map, ht)
+    elif ht != hs:
+        teacher_map = F.adaptive_avg_pool2d(teacher_map, hs)
+    return student_map, teacher_map
+
+
+def feature_kd_step(model, x, y, t, *, feature_weight=0.3):
+    """R4's feature KD, shape-matched: ``(1 - w) * CE + w * MSE(proj(f^s), f^t)``.
+
+    The student's map is captured by a forward hook on ``model.layer``, projected to the
+    teacher's channels by a trained 1x1 convolution, and both maps are pooled to the same
+    spatial size (:func:`match_maps`).
+    """
+    with capture(model.student, [model.layer]) as f:
+        logits = model.student(x)
+    s_map, t_map = match_maps(model.proj(f[model.layer]), t["map"])
+    return (1 - feature_weight) * ce_loss(logits, y) + feature_weight * F.mse_loss(s_map, t_map.float())
+
+
+def run_seeds(method: str, make, step, data, P, *, chapter: str, recipe=None, teacher: Run | None = None,
+              targets=None, weights: dict | None = None, select: str = "last") -> list[Run]:
+    """Train ``make(seed)`` with ``step`` once per seed in ``P.seeds`` (or reload finished runs).
+
+    The Part II counterpart of :func:`run_method`: ``recipe(seed)`` gives each run's recipe
+    (default: :func:`kdutils.teachers.sgd_recipe`), ``weights`` are the loss's keyword
+    arguments (recorded with the run), and ``P``'s fast-path switches apply.
+    """
+    from .teachers import sgd_recipe, speed
+    weights = dict(weights or {})
+    recipe = recipe or (lambda seed: sgd_recipe(P, seed=seed))
+    step_fn = partial(step, **weights) if weights else step
+    runs = []
+    for seed in P.seeds:
+        runs.append(fit(make(seed), data, recipe(seed), chapter=chapter, method=method,
+                        step=step_fn, teacher=teacher.model if teacher else None,
+                        teacher_targets=targets,
+                        teacher_key=teacher.record["run_key"] if teacher else None,
+                        params=weights, profile=P.profile, device=P.device, speed=speed(P),
+                        select=select, ckpt_dir=P.ckpt_dir, results_dir=P.results_dir,
+                        progress=P.progress))
+    return runs
+
+
+def seeded(build_fn, seed: int):
+    """``build_fn()`` with the global RNG seeded by ``seed`` (and the caller's RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_fn()

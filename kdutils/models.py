@@ -141,6 +141,75 @@ class MultiExitResNet18(nn.Module):
         return logits, feats
 
 
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights could not be loaded (no network and no cached copy)."""
+
+
+def pretrained_resnet18(num_classes: int = 10) -> nn.Module:
+    """torchvision's ImageNet-pretrained ResNet18 (``IMAGENET1K_V1``) with a new
+    ``Linear(512, num_classes)`` head (R4, R3). Raises :class:`WeightsUnavailable` with what
+    to do when the weights cannot be downloaded and are not in torch's cache."""
+    import torchvision
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    try:
+        net = torchvision.models.resnet18(weights=weights)
+    except Exception as e:  # URLError, socket errors, proxy errors, a truncated file...
+        raise WeightsUnavailable(
+            f"the ImageNet weights of ResNet18 ({weights.url}) could not be loaded "
+            f"({type(e).__name__}: {e}). Either put the file in {torch.hub.get_dir()}/checkpoints/ "
+            "(torch's cache), or set teacher_weights='none' to train the teacher from scratch "
+            "on the chapter's data.") from None
+    net.fc = nn.Linear(net.fc.in_features, num_classes)
+    return net
+
+
+class HeadOnly(nn.Module):
+    """A pretrained network whose backbone stays frozen (eval mode, no gradients): only the
+    new head ``fc`` trains. ``train()`` keeps the backbone's BatchNorm statistics fixed, which
+    freezing ``requires_grad`` alone does not do (R4)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        for name, p in net.named_parameters():
+            p.requires_grad_(name.startswith("fc."))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.net.eval()
+        self.net.fc.train(mode)
+        return self
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class SmallCNN(_FeaturesThenHead):
+    """R4's student ("DeeperStudentCNN"): 3x3 convolutions 32, 32, pool, 64, 64, pool,
+    128, 128, pool, 256, pool (ReLU, no BatchNorm), then ``Linear(256 * (s/16)^2, 256)``,
+    ReLU, ``Linear(256, classes)``. At 224 px the last map is 14x14; at 32 px, 2x2."""
+
+    def __init__(self, num_classes: int = 10, image_size: int = 224):
+        super().__init__()
+        if image_size % 16:
+            raise ValueError(f"image_size must be a multiple of 16 (four 2x2 poolings), got {image_size}")
+        layers, cin = [], 3
+        for block in ((32, 32), (64, 64), (128, 128), (256,)):
+            for cout in block:
+                layers += [_conv(cin, cout), nn.ReLU()]
+                cin = cout
+            layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        side = image_size // 16
+        self.classifier = nn.Sequential(nn.Linear(256 * side * side, 256), nn.ReLU(),
+                                        nn.Linear(256, num_classes))
+
+
 MODELS.update({"resnet18": lambda num_classes=10: cifar_resnet(18, num_classes),
                "resnet50": lambda num_classes=10: cifar_resnet(50, num_classes),
-               "resnet18_multiexit": MultiExitResNet18})
+               "resnet18_multiexit": MultiExitResNet18,
+               # R4's teacher: ImageNet weights, frozen backbone, new head (needs the weights)
+               "resnet18_pretrained": lambda num_classes=10: HeadOnly(pretrained_resnet18(num_classes)),
+               # its from-scratch fallback at ImageNet-like sizes (standard stem)
+               "resnet18_imagenet_stem": lambda num_classes=10: __import__("torchvision").models.resnet18(
+                   weights=None, num_classes=num_classes)})

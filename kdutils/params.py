@@ -22,11 +22,34 @@ PROFILES: dict[str, dict[str, Any]] = {
     # 2 CPU cores. Its numbers mean nothing and are never published.
     "smoke": {"epochs": 1, "teacher_epochs": 1, "max_seeds": 2,
               "train_size": 2000, "test_size": 1000},
+    # Part II only (see PART2_PROFILES): a short one-cycle recipe for a GPU, and a reduced but
+    # real training for a machine without one.
+    "fast": {},
+    "cpu": {"max_seeds": 1, "train_size": 5000, "test_size": 1000},
+}
+PART_ONE_PROFILES = ("full", "smoke")
+
+# What each Part II profile sets, per chapter (a profile's values replace the parameters').
+_FAST = {"epochs": 30, "teacher_epochs": 30, "batch_size": 256, "lr": 0.2, "schedule": "onecycle"}
+_CPU = {"epochs": 3, "teacher_epochs": 4, "batch_size": 64, "lr": 0.05, "schedule": "onecycle"}
+_SMOKE2 = {"batch_size": 64, "lr": 0.05, "schedule": "onecycle", "max_seeds": 1,
+           "train_size": 320, "test_size": 200}
+PART2_PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "resnet": {"fast": _FAST, "cpu": _CPU, "smoke": _SMOKE2},
+    "selfdistill": {"fast": _FAST, "cpu": {**_CPU, "autoaugment": False, "erasing": 0.0,
+                                           "val_size": 500},
+                    "smoke": {**_SMOKE2, "val_size": 200}},
+    # Without a GPU (and in CI, offline) the chapter runs on CIFAR-10 at its own 32 px.
+    "pretrained": {"fast": {}, "cpu": {"epochs": 5, "teacher_epochs": 3, "dataset": "cifar10",
+                                       "image_size": 32},
+                   "smoke": {"dataset": "cifar10", "image_size": 32, "max_seeds": 1, "train_size": 320,
+                             "test_size": 200}},
 }
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DATASETS = ("cifar10",)
 MODELS = ("deepnn", "lightnn")
+SCHEDULES = ("constant", "cosine", "onecycle")
 
 
 class ParameterError(ValueError):
@@ -134,7 +157,7 @@ def device(v):
 # ---- the parameters of each chapter ----
 
 COMMON: dict[str, Callable] = {
-    "profile": choice(*PROFILES),
+    "profile": choice(*PART_ONE_PROFILES),
     "dataset": choice(*DATASETS),
     "epochs": positive_int,
     "batch_size": positive_int,
@@ -147,6 +170,10 @@ COMMON: dict[str, Callable] = {
     "progress": boolean,
 }
 TEACHER = {"teacher": choice(*MODELS), "teacher_epochs": positive_int}
+# Part II: SGD recipes on ResNets, the fast path's switches.
+PART2 = {**COMMON, "profile": choice(*PROFILES), "teacher_epochs": positive_int,
+         "schedule": choice(*SCHEDULES), "amp": choice("auto", "bf16", "fp16", "off"),
+         "channels_last": boolean, "compile": boolean}
 
 SCHEMAS: dict[str, dict[str, Callable]] = {
     "introduction": {"profile": COMMON["profile"], "dataset": COMMON["dataset"],
@@ -156,6 +183,14 @@ SCHEMAS: dict[str, dict[str, Callable]] = {
                "T": positive_float, "alpha": probability},
     "cosine": {**COMMON, **TEACHER, "hidden_weight": weight, "ce_weight": weight},
     "regressor": {**COMMON, **TEACHER, "hint_weight": weight, "ce_weight": weight},
+    "resnet": {**PART2, "T": positive_float, "alpha": probability},
+    "selfdistill": {**PART2, "T": positive_float, "kd_weight": weight,
+                    "feature_weight": weight, "detach_teacher": boolean,
+                    "autoaugment": boolean, "erasing": probability,
+                    "hook_weight": probability, "val_size": positive_int},
+    "pretrained": {**PART2, "dataset": choice("cifar10", "stl10", "imagenette"),
+                   "teacher_weights": choice("imagenet", "none"), "image_size": positive_int,
+                   "T": positive_float, "alpha": probability, "feature_weight": probability},
     "results": {"results_dir": optional_path},
 }
 
@@ -164,12 +199,28 @@ _R5 = {"profile": "full", "dataset": "cifar10", "epochs": 10, "batch_size": 128,
        "seeds": [0, 1, 2], "device": "auto", "data_dir": None, "ckpt_dir": None,
        "results_dir": None, "progress": True, "teacher": "deepnn", "teacher_epochs": 10}
 
+# R1/R2's recipe: SGD 0.1 (momentum 0.9, weight decay 5e-4), batch 128, cosine over 200 epochs.
+_R2 = {"profile": "full", "dataset": "cifar10", "epochs": 200, "teacher_epochs": 200,
+       "batch_size": 128, "lr": 0.1, "schedule": "cosine", "seeds": [0, 1, 2], "device": "auto",
+       "amp": "auto", "channels_last": True, "compile": False, "data_dir": None,
+       "ckpt_dir": None, "results_dir": None, "progress": True}
+
 DEFAULTS: dict[str, dict[str, Any]] = {
     "introduction": {"profile": "full", "dataset": "cifar10", "data_dir": None},
     "baseline": {**_R5, "student": "lightnn"},
     "hinton": {**_R5, "student": "lightnn", "T": 5.0, "alpha": 0.5},
     "cosine": {**_R5, "hidden_weight": 0.3, "ce_weight": 0.7},
     "regressor": {**_R5, "hint_weight": 0.7, "ce_weight": 0.3},
+    "resnet": {**_R2, "T": 3.0, "alpha": 0.5},
+    "selfdistill": {**_R2, "T": 4.0, "kd_weight": 0.7, "feature_weight": 0.3,
+                    "detach_teacher": False, "autoaugment": True, "erasing": 0.5,
+                    "hook_weight": 0.5, "val_size": 5000},
+    # R4: STL10 at 224 px, an ImageNet-pretrained teacher whose head is trained 5 epochs,
+    # the student 10 epochs with Adam 1e-3, batch 64.
+    "pretrained": {**_R2, "dataset": "stl10", "teacher_weights": "imagenet", "image_size": 224,
+                   "epochs": 10, "teacher_epochs": 5, "batch_size": 64, "lr": 1e-3,
+                   "schedule": "constant", "seeds": [0], "T": 2.0, "alpha": 0.7,
+                   "feature_weight": 0.3},
     "results": {"results_dir": None},
 }
 
@@ -210,18 +261,18 @@ def check(chapter: str, **values: Any) -> Params:
     if "hint_weight" in out and out.hint_weight + out.ce_weight == 0:
         raise ParameterError("parameters 'hint_weight' and 'ce_weight' are both 0: "
                              "at least one loss weight must be > 0")
-    return _apply_profile(out)
+    return _apply_profile(out, chapter)
 
 
-def _apply_profile(p: Params) -> Params:
+def _apply_profile(p: Params, chapter: str) -> Params:
     if "profile" not in p:  # a chapter that trains nothing (the results chapter)
         return p
-    prof = PROFILES[p.profile]
+    prof = {**PROFILES[p.profile], **PART2_PROFILES.get(chapter, {}).get(p.profile, {})}
     p["train_size"] = prof.get("train_size")  # None: the whole split
     p["test_size"] = prof.get("test_size")
-    for name in ("epochs", "teacher_epochs"):
-        if name in p and name in prof:
-            p[name] = prof[name]
+    for name, value in prof.items():
+        if name in p:
+            p[name] = value
     if "seeds" in p and "max_seeds" in prof:
         p["seeds"] = p.seeds[: prof["max_seeds"]]
     return p

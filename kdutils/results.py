@@ -31,7 +31,7 @@ def device_name(device: torch.device) -> str:
 
 
 def make_record(*, chapter, method, profile, device, data, recipe, params, history, model,
-                key, teacher_key, wall_time_s) -> dict:
+                key, teacher_key, wall_time_s, extra: dict | None = None) -> dict:
     from .models import count_params
     deployed = getattr(model, "deployed", model)  # e.g. a student without its training-only regressor
     return {
@@ -44,7 +44,7 @@ def make_record(*, chapter, method, profile, device, data, recipe, params, histo
         "params": {**asdict(recipe), **params},
         "model": type(deployed).__name__, "model_params": count_params(deployed),
         "train_params": count_params(model),
-        "teacher_key": teacher_key, "run_key": key,
+        "teacher_key": teacher_key, "run_key": key, **(extra or {}),
         "torch_version": torch.__version__,
         "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -10,7 +10,7 @@ from filelock import FileLock
 
 from . import settings
 from .models import build
-from .train import Recipe, Run, fit, freeze, is_finished, run_paths
+from .train import Recipe, Run, Speed, fit, freeze, is_finished, run_paths
 
 
 class TeacherMissing(FileNotFoundError):
@@ -22,9 +22,24 @@ def teacher_recipe(epochs: int, batch_size: int = 128, lr: float = 1e-3, seed: i
     return Recipe(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
 
 
+def sgd_recipe(P, *, epochs: int | None = None, seed: int = 0) -> Recipe:
+    """Part II's recipe from a chapter's parameters ``P``: SGD (momentum 0.9, weight decay
+    5e-4), random crop + flip, ``P.schedule`` and, where the chapter has them, AutoAugment
+    and RandomErasing (R1). ``epochs`` defaults to ``P.epochs``."""
+    return Recipe(epochs=epochs or P.epochs, batch_size=P.batch_size, lr=P.lr, optimizer="sgd",
+                  momentum=0.9, weight_decay=5e-4, schedule=P.schedule, augment=True,
+                  seed=seed, autoaugment=P.get("autoaugment", False),
+                  erasing=P.get("erasing", 0.0))
+
+
+def speed(P) -> Speed:
+    """The fast-path switches of a Part II chapter's parameters."""
+    return Speed(channels_last=P.channels_last, amp=P.amp, compile=P.compile)
+
+
 def get_teacher(name: str, data, recipe: Recipe, *, profile: str = "full", device="auto",
                 ckpt_dir=None, results_dir=None, progress: bool = True,
-                train_if_missing: bool = True) -> Run:
+                train_if_missing: bool = True, speed: Speed = Speed()) -> Run:
     """The teacher ``name`` trained by ``recipe`` on ``data``: loaded if it exists, else trained.
 
     The returned :class:`~kdutils.train.Run` holds the model (frozen: eval mode, no gradients), its record (``run.record['test_acc']``) and ``run.record['run_key']``, which
@@ -45,6 +60,32 @@ def get_teacher(name: str, data, recipe: Recipe, *, profile: str = "full", devic
     with FileLock(str(folder / f"{name}.lock")):
         run = fit(model, data, recipe, chapter="teacher", method=name,
                   profile=profile, device=device, ckpt_dir=ckpt_dir, results_dir=results_dir,
-                  progress=progress)
+                  progress=progress, speed=speed)
     freeze(run.model)
     return run
+
+
+def pretrained_teacher(P, data) -> tuple[Run, str]:
+    """R4's teacher for chapter 9: ``(run, how)``.
+
+    With ``P.teacher_weights == "imagenet"``: torchvision's ImageNet ResNet18, backbone frozen,
+    a new head trained ``P.teacher_epochs`` epochs (SGD 1e-3, momentum 0.9, as R4). When the
+    weights cannot be had (no network, nothing in torch's cache), or with ``"none"``, it says
+    so and trains a ResNet18 from scratch on ``data`` instead: the CIFAR stem at small image
+    sizes, torchvision's stem above 64 px (SGD one-cycle, peak 0.05, crop + flip).
+    """
+    from .models import WeightsUnavailable
+    kw = dict(profile=P.profile, device=P.device, ckpt_dir=P.ckpt_dir,
+              results_dir=P.results_dir, progress=P.progress, speed=speed(P))
+    if P.teacher_weights == "imagenet":
+        recipe = Recipe(epochs=P.teacher_epochs, batch_size=P.batch_size, lr=1e-3,
+                        optimizer="sgd", momentum=0.9)
+        try:
+            return get_teacher("resnet18_pretrained", data, recipe, **kw), "imagenet"
+        except WeightsUnavailable as e:
+            print(f"No pretrained teacher: {e}\nFalling back to a ResNet18 trained from scratch "
+                  "on this data (teacher_weights='none').")
+    name = "resnet18" if P.image_size <= 64 else "resnet18_imagenet_stem"
+    recipe = Recipe(epochs=P.teacher_epochs, batch_size=P.batch_size, lr=0.05, optimizer="sgd",
+                    momentum=0.9, weight_decay=5e-4, schedule="onecycle", augment=True)
+    return get_teacher(name, data, recipe, **kw), "scratch"

@@ -38,13 +38,15 @@ class Recipe:
 
     epochs: int
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 1e-3                 # the peak learning rate for "onecycle"
     optimizer: str = "adam"          # "adam" | "sgd"
     momentum: float = 0.9            # sgd only
     weight_decay: float = 0.0
-    schedule: str = "constant"       # "constant" | "cosine" (per epoch)
+    schedule: str = "constant"       # "constant" | "cosine" (per epoch) | "onecycle" (per step)
     augment: bool = False            # random crop (padding 4) + horizontal flip
     seed: int = 0
+    autoaugment: bool = False        # AutoAugment, CIFAR-10 policy, per image (R1)
+    erasing: float = 0.0             # RandomErasing probability per image (R1: 0.5)
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -55,8 +57,49 @@ class Recipe:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}, "
+                             f"got {self.schedule!r}")
+        if not 0 <= self.erasing <= 1:
+            raise ValueError(f"erasing must be a probability in [0, 1], got {self.erasing}")
+
+    def key(self) -> dict:
+        """The recipe as it enters a run's key. Fields added after the first edition of the
+        book (``autoaugment``, ``erasing``) enter only when set, so earlier runs keep their
+        names and checkpoints."""
+        d = asdict(self)
+        for name, default in _LATER_FIELDS.items():
+            if d[name] == default:
+                del d[name]
+        return d
+
+
+SCHEDULES = ("constant", "cosine", "onecycle")
+_LATER_FIELDS = {"autoaugment": False, "erasing": 0.0}
+
+
+@dataclass(frozen=True)
+class Speed:
+    """How fast a run trains; none of it is part of the recipe (chapter "Making it fast").
+
+    ``channels_last``: NHWC memory layout for convolutions. ``amp``: autocast precision,
+    ``"auto"`` = bf16 on a CUDA GPU that has it, else fp16 with a gradient scaler, off on the
+    CPU (bf16 on a CPU without AMX/AVX512-BF16 is many times slower than fp32).
+    ``compile``: ``torch.compile`` the student (pays off from a few epochs on, on a GPU).
+    """
+
+    channels_last: bool = True
+    amp: str = "auto"                # "auto" | "bf16" | "fp16" | "off"
+    compile: bool = False
+
+    def precision(self, device: torch.device) -> torch.dtype | None:
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or 'off', got {self.amp!r}")
+        if self.amp == "off" or (self.amp == "auto" and device.type != "cuda"):
+            return None
+        if self.amp == "fp16" or (self.amp == "auto" and not torch.cuda.is_bf16_supported()):
+            return torch.float16
+        return torch.bfloat16
 
 
 @dataclass
@@ -110,17 +153,47 @@ def ce_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: dict | None) 
     return F.cross_entropy(model(x), y)
 
 
+def _exit_logits(out) -> list[torch.Tensor]:
+    """A model's output as a list of exit logits: ``[logits]`` for a plain model, the logits
+    list of a multi-exit model (``(logits list, features list)``), deepest exit last."""
+    if isinstance(out, tuple):
+        out = out[0]
+    return list(out) if isinstance(out, list) else [out]
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader) -> float:
-    """Top-1 accuracy in percent over ``loader`` (model put in eval mode, restored after)."""
+def evaluate_exits(model: nn.Module, loader, autocast_dtype: torch.dtype | None = None) -> dict:
+    """Top-1 accuracy (percent) of every exit and of their ensemble over ``loader``.
+
+    Returns ``{"acc": deepest exit, "exit_acc": [...], "ensemble_acc": ...}``; the last two
+    only for a multi-exit model. The ensemble averages the exits' softmax probabilities.
+    """
     was_training = model.training
     model.eval()
-    correct = total = 0
+    correct, ens_correct, total = None, 0, 0
     for x, y, _ in loader:
-        correct += (model(x).argmax(1) == y).sum().item()
+        with torch.autocast(x.device.type, autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            exits = _exit_logits(model(x))
+        hits = torch.stack([(p.argmax(1) == y).sum() for p in exits])
+        correct = hits if correct is None else correct + hits
+        if len(exits) > 1:
+            probs = torch.stack([p.float().softmax(1) for p in exits]).mean(0)
+            ens_correct += (probs.argmax(1) == y).sum().item()
         total += len(y)
     model.train(was_training)
-    return 100.0 * correct / total
+    accs = (100.0 * correct.double() / total).tolist()
+    out = {"acc": accs[-1]}
+    if len(accs) > 1:
+        out["exit_acc"] = accs
+        out["ensemble_acc"] = 100.0 * ens_correct / total
+    return out
+
+
+def evaluate(model: nn.Module, loader) -> float:
+    """Top-1 accuracy in percent over ``loader`` (model put in eval mode, restored after);
+    for a multi-exit model, the deepest exit's."""
+    return evaluate_exits(model, loader)["acc"]
 
 
 def freeze(teacher: nn.Module) -> nn.Module:
@@ -161,7 +234,7 @@ def run_paths(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str
               params: dict, profile: str, teacher_key: str | None, ckpt_dir=None,
               results_dir=None) -> tuple[str, Path, Path]:
     """The run's key (a hash of all that defines it), checkpoint path and record path."""
-    key = run_key(chapter=chapter, method=method, recipe=asdict(recipe), params=params,
+    key = run_key(chapter=chapter, method=method, recipe=recipe.key(), params=params,
                   data=data.source, train=len(data.train_y), test=len(data.test_y),
                   teacher=teacher_key, model=type(model).__name__)
     name = f"{method}-{profile}-seed{recipe.seed}-{key}"
@@ -180,7 +253,8 @@ def is_finished(checkpoint: Path, epochs: int) -> bool:
 def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, method: str,
         step: Step = ce_step, teacher: nn.Module | None = None,
         teacher_targets: TeacherTargets | None = None, teacher_key: str | None = None,
-        teacher_outputs: dict[str, torch.Tensor] | None = None, params: dict | None = None, profile: str = "full", device="auto",
+        teacher_outputs: dict[str, torch.Tensor] | None = None, params: dict | None = None,
+        profile: str = "full", device="auto", speed: Speed = Speed(), select: str = "last",
         ckpt_dir=None, results_dir=None, progress: bool = True, write: bool = True) -> Run:
     """Train ``model`` on ``data`` by ``recipe`` with ``step`` as the loss; resume if possible.
 
@@ -188,27 +262,50 @@ def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, meth
     ``teacher_targets(teacher, x)`` returned for the same images (None without a teacher).
     Without augmentation the teacher's outputs are computed once for the whole training set
     (or taken from ``teacher_outputs``, the result of :func:`precompute_teacher`, so that
-    several seeds share one pass) and looked up per batch.
+    several seeds share one pass) and looked up per batch; with augmentation the teacher
+    runs on every batch, in inference mode and (on a GPU) reduced precision.
+
+    ``speed`` says how fast to train (:class:`Speed`: memory layout, autocast, compile); it
+    is written into the record but is not part of the run's identity. With a held-out set
+    (``data.holdout``) the validation accuracy is recorded every epoch, and
+    ``select="val"`` keeps the weights of the epoch with the best validation accuracy.
     The run's checkpoint name is a hash of everything that defines it, so starting the same
     run again continues from its last finished epoch (and a finished run only reloads).
     """
+    if select not in ("last", "val"):
+        raise ValueError(f"select must be 'last' or 'val', got {select!r}")
+    if select == "val" and data.val_x is None:
+        raise ValueError("select='val' needs a held-out set: pass data.holdout(val_size)")
+    if teacher is not None and teacher_targets is None:
+        raise ValueError("a teacher was given without teacher_targets (what the loss needs from it)")
     dev = pick_device(device)
+    amp = speed.precision(dev)
     params = dict(params or {})
     key, ckpt, record_path = run_paths(model, data, recipe, chapter=chapter, method=method,
                                        params=params, profile=profile, teacher_key=teacher_key,
                                        ckpt_dir=ckpt_dir, results_dir=results_dir)
+    best_path = ckpt.with_name(ckpt.stem + ".best.pt")
     out_dir = record_path.parent
     for folder in (ckpt.parent, out_dir) if write else (ckpt.parent,):
         _check_writable(folder)
 
-    model.to(dev)
+    fmt = torch.channels_last if speed.channels_last else torch.contiguous_format
+    model.to(dev, memory_format=fmt)
     if teacher is not None:
-        freeze(teacher.to(dev))
-    if teacher is not None and teacher_targets is None:
-        raise ValueError("a teacher was given without teacher_targets (what the loss needs from it)")
+        freeze(teacher.to(dev, memory_format=fmt))
+    train_loader, test_loader = loaders(data, recipe.batch_size, seed=recipe.seed,
+                                        augment=recipe.augment, device=dev,
+                                        channels_last=speed.channels_last,
+                                        autoaugment=recipe.autoaugment, erasing=recipe.erasing)
+    val_loader = None
+    if data.val_x is not None:
+        from .data import TensorLoader
+        val_loader = TensorLoader(data.val_x, data.val_y, 1000, shuffle=False, mean=data.mean,
+                                  std=data.std, device=dev, channels_last=speed.channels_last)
+    steps = len(train_loader)
     opt = _optimizer(model, recipe)
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=recipe.epochs)
-             if recipe.schedule == "cosine" else None)
+    sched = _scheduler(opt, recipe, steps)
+    scaler = torch.amp.GradScaler(dev.type) if amp == torch.float16 else None  # fp16 only
 
     history: list[dict] = []
     start = 0
@@ -223,52 +320,69 @@ def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, meth
         if sched is not None:
             sched.load_state_dict(state["scheduler"])
         history, start, extra_s = state["history"], state["epoch"], state.get("extra_s", 0.0)
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
 
-    train_loader, test_loader = loaders(data, recipe.batch_size, seed=recipe.seed,
-                                        augment=recipe.augment, device=dev)
     cached = None
     if teacher_outputs is not None:
-        if recipe.augment:
+        if recipe.augment or recipe.autoaugment or recipe.erasing:
             raise ValueError("teacher_outputs were given, but the recipe augments: the teacher "
                              "must see every augmented batch, so outputs cannot be precomputed")
         n = len(data.train_y)
         if any(len(v) != n for v in teacher_outputs.values()):
             raise ValueError(f"teacher_outputs must hold one row per training image ({n})")
         cached = {k: v.to(dev) for k, v in teacher_outputs.items()}
-    elif teacher is not None and start < recipe.epochs and not recipe.augment:
+    elif (teacher is not None and start < recipe.epochs
+          and not (recipe.augment or recipe.autoaugment or recipe.erasing)):
         t0 = time.perf_counter()
         cached = precompute_teacher(teacher, teacher_targets, data, dev)
         extra_s += time.perf_counter() - t0
 
-    steps = len(train_loader)
+    run_model = torch.compile(model) if speed.compile and start < recipe.epochs else model
     bar = None
     if progress and start < recipe.epochs:
         from tqdm.auto import tqdm
         bar = tqdm(total=recipe.epochs * steps, initial=start * steps, mininterval=2,
                    desc=f"{chapter}/{method} seed {recipe.seed}", leave=False)
+    loop = _Loop(run_model, train_loader, test_loader, val_loader, opt, sched, scaler, amp, step,
+                 teacher, teacher_targets, cached, recipe, ckpt, bar)
     # The loop reseeds the global generators every epoch; fork_rng hands the caller's back.
     rng = torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [])
     try:
         with rng:
             for epoch in range(start, recipe.epochs):
-                history.append(_train_epoch(model, train_loader, test_loader, opt, sched, step,
-                                            teacher, teacher_targets, cached, recipe, epoch,
-                                            ckpt, bar))
+                history.append(loop.epoch(epoch))
+                if select == "val" and history[-1]["val_acc"] >= max(h["val_acc"] for h in history):
+                    atomic_save({"key": key, "epoch": epoch + 1, "model": model.state_dict()},
+                                best_path)
                 atomic_save({"key": key, "epoch": epoch + 1, "model": model.state_dict(),
                              "optimizer": opt.state_dict(),
                              "scheduler": sched.state_dict() if sched is not None else None,
+                             "scaler": scaler.state_dict() if scaler is not None else None,
                              "history": history, "extra_s": extra_s}, ckpt)
     finally:
         if bar is not None:
             bar.close()
 
+    extra = {"speed": {"channels_last": speed.channels_last,
+                       "amp": str(amp).replace("torch.", "") if amp else "off",
+                       "compile": speed.compile}}
+    if "exit_acc" in history[-1]:
+        extra.update(exit_acc=history[-1]["exit_acc"], ensemble_acc=history[-1]["ensemble_acc"])
+    if select == "val":
+        best = max(range(len(history)), key=lambda i: (history[i]["val_acc"], -i))
+        state = load_checkpoint(best_path, map_location=dev)
+        load_state_dict_strict(model, state["model"], str(best_path))
+        extra.update(selected_epoch=best + 1, select="val", val_acc=history[best]["val_acc"])
     if start == recipe.epochs and record_path.is_file():
         # A finished run that was only reloaded: its record already says how it was made.
         return Run(model, json.loads(record_path.read_text()), ckpt, record_path, start)
     record = make_record(chapter=chapter, method=method, profile=profile, device=dev,
                          data=data, recipe=recipe, params=params, history=history,
                          model=model, key=key, teacher_key=teacher_key,
-                         wall_time_s=sum(h["seconds"] for h in history) + extra_s)
+                         wall_time_s=sum(h["seconds"] for h in history) + extra_s, extra=extra)
+    if select == "val":
+        record["test_acc"] = history[extra["selected_epoch"] - 1]["test_acc"]
     record_path = write_record(record, record_path) if write else None
     return Run(model, record, ckpt, record_path, resumed_from_epoch=start)
 
@@ -291,45 +405,91 @@ def _optimizer(model: nn.Module, r: Recipe) -> torch.optim.Optimizer:
     return torch.optim.Adam(trainable, lr=r.lr, weight_decay=r.weight_decay)
 
 
-def _train_epoch(model, train_loader, test_loader, opt, sched, step, teacher, teacher_targets,
-                 cached, recipe, epoch, ckpt, bar) -> dict:
-    # Every random draw of an epoch (batch order, augmentation, dropout) follows from
-    # (seed, epoch), so a run resumed at this epoch repeats it bit for bit.
-    torch.manual_seed(recipe.seed * 100_003 + epoch)
-    train_loader.set_epoch(epoch)
-    model.train()
-    if teacher is not None:
-        teacher.eval()
-    lr = opt.param_groups[0]["lr"]
-    t0 = time.perf_counter()
-    losses = []
-    for i, (x, y, idx) in enumerate(train_loader):
-        if cached is not None:
-            t = {k: v[idx] for k, v in cached.items()}
-        elif teacher is not None:
-            with torch.no_grad():
-                t = teacher_targets(teacher, x)
-        else:
-            t = None
-        loss = step(model, x, y, t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())
-        if bar is not None:
-            bar.update(1)
-        if (i + 1) % 50 == 0:
-            _check_finite(losses, epoch, lr, ckpt)  # a sync every 50 steps, not every step
-    _check_finite(losses, epoch, lr, ckpt)
-    train_loss = torch.stack(losses).float().mean().item()
-    if sched is not None:
-        sched.step()
-    acc = evaluate(model, test_loader)
-    seconds = time.perf_counter() - t0
-    if bar is not None:
-        bar.set_postfix(epoch=epoch + 1, loss=f"{train_loss:.3f}", acc=f"{acc:.2f}")
-    return {"epoch": epoch + 1, "train_loss": train_loss, "test_acc": acc, "lr": lr,
-            "seconds": seconds}
+def _scheduler(opt, r: Recipe, steps_per_epoch: int):
+    if r.schedule == "cosine":      # stepped once per epoch
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=r.epochs)
+    if r.schedule == "onecycle":    # stepped once per batch
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r.lr,
+                                                   total_steps=r.epochs * steps_per_epoch)
+    return None
+
+
+@dataclass
+class _Loop:
+    """One epoch of training and evaluation; what stays the same across epochs is held here."""
+
+    model: nn.Module
+    train_loader: object
+    test_loader: object
+    val_loader: object
+    opt: torch.optim.Optimizer
+    sched: object
+    scaler: object
+    amp: torch.dtype | None
+    step: Step
+    teacher: nn.Module | None
+    teacher_targets: TeacherTargets | None
+    cached: dict | None
+    recipe: Recipe
+    ckpt: Path
+    bar: object
+
+    def _teacher(self, x, idx):
+        if self.cached is not None:
+            return {k: v[idx] for k, v in self.cached.items()}
+        if self.teacher is None:
+            return None
+        with torch.inference_mode(), self._autocast(x):
+            t = self.teacher_targets(self.teacher, x)
+        # Leave inference mode (the loss keeps these for its backward pass) in fp32.
+        return {k: v.float().clone() if v.is_floating_point() else v.clone() for k, v in t.items()}
+
+    def _autocast(self, x):
+        return torch.autocast(x.device.type, self.amp or torch.float32, enabled=self.amp is not None)
+
+    def epoch(self, epoch: int) -> dict:
+        # Every random draw of an epoch (batch order, augmentation, dropout) follows from
+        # (seed, epoch), so a run resumed at this epoch repeats it bit for bit.
+        r = self.recipe
+        torch.manual_seed(r.seed * 100_003 + epoch)
+        self.train_loader.set_epoch(epoch)
+        self.model.train()
+        lr = self.opt.param_groups[0]["lr"]
+        t0 = time.perf_counter()
+        losses = []
+        for i, (x, y, idx) in enumerate(self.train_loader):
+            t = self._teacher(x, idx)
+            with self._autocast(x):
+                loss = self.step(self.model, x, y, t)
+            self.opt.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.opt)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.opt.step()
+            if r.schedule == "onecycle":
+                self.sched.step()
+            losses.append(loss.detach())
+            if self.bar is not None:
+                self.bar.update(1)
+            if (i + 1) % 50 == 0:
+                _check_finite(losses, epoch, lr, self.ckpt)  # a sync every 50 steps, not every step
+        _check_finite(losses, epoch, lr, self.ckpt)
+        train_loss = torch.stack(losses).float().mean().item()
+        if self.sched is not None and r.schedule != "onecycle":
+            self.sched.step()
+        ev = evaluate_exits(self.model, self.test_loader, self.amp)
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "test_acc": ev["acc"], "lr": lr}
+        if "exit_acc" in ev:
+            row.update(exit_acc=ev["exit_acc"], ensemble_acc=ev["ensemble_acc"])
+        if self.val_loader is not None:
+            row["val_acc"] = evaluate_exits(self.model, self.val_loader, self.amp)["acc"]
+        row["seconds"] = time.perf_counter() - t0
+        if self.bar is not None:
+            self.bar.set_postfix(epoch=epoch + 1, loss=f"{train_loss:.3f}", acc=f"{ev['acc']:.2f}")
+        return row
 
 
 def _check_finite(losses, epoch, lr, ckpt):

@@ -27,13 +27,21 @@ WORKER = textwrap.dedent("""
     dirs = dict(ckpt_dir=ckpt, results_dir=res, progress=False)
     if method == "teacher":
         run = kd.teachers.get_teacher("lightnn", data, kd.train.Recipe(epochs=epochs, batch_size=50), **dirs)
+    elif method == "byot":  # multi-exit self-distillation with every source of state in play
+        small = ImageData(x[:96], y[:96], x[2000:2100], y[2000:2100], kd.data.CIFAR10_CLASSES, "synthetic")
+        recipe = kd.train.Recipe(epochs=epochs, batch_size=16, lr=0.05, optimizer="sgd",
+                                 weight_decay=5e-4, schedule="onecycle", augment=True,
+                                 autoaugment=True, erasing=0.5, seed=3)
+        run = kd.train.fit(kd.models.build("resnet18_multiexit", seed=3), small, recipe,
+                           chapter="selfdistill", method="byot", step=kd.methods.byot_step, **dirs)
     else:
         teacher = kd.teachers.get_teacher("lightnn", data, kd.train.Recipe(epochs=1, batch_size=50), **dirs)
         runs = kd.methods.run_method(method, data, seeds=[3], epochs=epochs, batch_size=50,
                                      teacher=teacher, **dirs)
         run = runs[0]
     torch.save(run.model.state_dict(), ckpt + "/final.pt")
-    print(json.dumps({"resumed_from": run.resumed_from_epoch, "acc": run.test_acc}))
+    print(json.dumps({"resumed_from": run.resumed_from_epoch, "acc": run.test_acc,
+                      "exit_acc": run.record.get("exit_acc"), "history": run.record["history"]}))
 """)
 
 
@@ -48,9 +56,9 @@ def _checkpoints(d, chapter):
     return sorted((d / chapter).glob("*.pt")) if (d / chapter).is_dir() else []
 
 
-@pytest.mark.parametrize("method", ["ce", "kd"])
+@pytest.mark.parametrize("method", ["ce", "kd", "byot"])
 def test_sigkill_mid_epoch_then_restart_gives_the_uninterrupted_result(tmp_path, method):
-    chapter = kd.methods.METHODS[method][0]
+    chapter = "selfdistill" if method == "byot" else kd.methods.METHODS[method][0]
     ref_dir, ref = _start(tmp_path, "ref", method, 4)
     ref_out, err = ref.communicate(timeout=300)
     assert ref.returncode == 0, err
@@ -78,7 +86,11 @@ def test_sigkill_mid_epoch_then_restart_gives_the_uninterrupted_result(tmp_path,
     a = torch.load(ref_dir / "final.pt", weights_only=True)
     b = torch.load(d / "final.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads(again.stdout)["acc"] == json.loads(ref_out)["acc"]
+    resumed, reference = json.loads(again.stdout), json.loads(ref_out)
+    assert resumed["acc"] == reference["acc"] and resumed["exit_acc"] == reference["exit_acc"]
+    drop = ("seconds",)  # everything but the wall time is identical, epoch by epoch
+    assert ([{k: v for k, v in h.items() if k not in drop} for h in resumed["history"]]
+            == [{k: v for k, v in h.items() if k not in drop} for h in reference["history"]])
 
 
 def test_two_processes_wanting_the_same_teacher_train_it_once(tmp_path):

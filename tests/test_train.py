@@ -62,12 +62,15 @@ def test_precomputed_teacher_outputs_give_the_same_run_as_per_step(tiny, dirs, t
     # per step: the same outputs, forced through the per-step path
     b_model = kd.models.build("lightnn", seed=2)
     kd.train.freeze(teacher.model)
-    from kdutils.train import _train_epoch
-    train, test = kd.data.loaders(tiny, 16, seed=0)
+    from kdutils.train import _Loop
+    b_model.to(memory_format=torch.channels_last)
+    train, test = kd.data.loaders(tiny, 16, seed=0, channels_last=True)
     opt = torch.optim.Adam(b_model.parameters(), 1e-3)
+    loop = _Loop(b_model, train, test, None, opt, None, None, None, kw["step"], teacher.model,
+                 kw["teacher_targets"], None, Recipe(epochs=2, batch_size=16),
+                 tmp_path / "none.pt", None)
     for epoch in range(2):
-        _train_epoch(b_model, train, test, opt, None, kw["step"], teacher.model, kw["teacher_targets"],
-                     None, Recipe(epochs=2, batch_size=16), epoch, tmp_path / "none.pt", None)
+        loop.epoch(epoch)
     for k, v in a.model.state_dict().items():
         assert torch.allclose(v, b_model.state_dict()[k], atol=1e-6), k
 

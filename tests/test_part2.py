@@ -1,0 +1,255 @@
+"""Part II: the loop's new parts (exits, held-out selection, one-cycle, augmentation, speed
+switches), the self-distillation and feature-KD steps, the pretrained teacher's fallback."""
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kdutils as kd
+from kdutils.data import ImageData, auto_augment, random_erasing
+from kdutils.train import Recipe, Speed, evaluate_exits, fit, run_key
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny(n_train=64, n_test=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n_train + n_test) % 10
+    x = torch.randint(0, 256, (n_train + n_test, 3, 32, 32), dtype=torch.uint8, generator=g)
+    x[:, 0] = (y * 25).to(torch.uint8).view(-1, 1, 1)  # a learnable signal
+    return ImageData(x[:n_train], y[:n_train], x[n_train:], y[n_train:], kd.data.CIFAR10_CLASSES, "synthetic")
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    return dict(ckpt_dir=str(tmp_path / "ck"), results_dir=str(tmp_path / "res"), progress=False)
+
+
+# ---- run keys: Part I's committed runs keep their names -------------------------------------
+
+def test_committed_records_keep_their_run_keys():
+    fields = set(Recipe.__dataclass_fields__)
+    records = [json.loads(p.read_text()) for p in sorted((ROOT / "results").rglob("*.json"))]
+    assert records, "no committed run records"
+    for r in records:
+        recipe = Recipe(**{k: v for k, v in r["params"].items() if k in fields})
+        weights = {k: v for k, v in r["params"].items() if k not in fields}
+        key = run_key(chapter=r["chapter"], method=r["method"], recipe=recipe.key(), params=weights,
+                      data=r["data_source"], train=r["train_size"], test=r["test_size"],
+                      teacher=r["teacher_key"], model=r.get("train_model", r["model"]))
+        if r["method"] == "hint":  # trained as HintStudent (the record names the deployed LightNN)
+            key = run_key(chapter=r["chapter"], method=r["method"], recipe=recipe.key(), params=weights,
+                          data=r["data_source"], train=r["train_size"], test=r["test_size"],
+                          teacher=r["teacher_key"], model="HintStudent")
+        assert key == r["run_key"], r["chapter"] + "/" + r["method"]
+
+
+def test_recipe_key_adds_later_fields_only_when_set():
+    assert "autoaugment" not in Recipe(epochs=1).key() and "erasing" not in Recipe(epochs=1).key()
+    assert Recipe(epochs=1, autoaugment=True, erasing=0.5).key()["erasing"] == 0.5
+    with pytest.raises(ValueError, match="erasing must be a probability"):
+        Recipe(epochs=1, erasing=1.5)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        Recipe(epochs=1, schedule="step")
+
+
+# ---- exits and the ensemble -----------------------------------------------------------------
+
+class _FixedExits(nn.Module):
+    """Two exits with fixed logits per image: exit 1 right on images 0-1, exit 2 on 1-2."""
+
+    def __init__(self, logits1, logits2):
+        super().__init__()
+        self.l1, self.l2 = logits1, logits2
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return [self.l1, self.l2], [x, x]
+
+
+def test_evaluate_exits_reports_each_exit_and_the_softmax_ensemble():
+    y = torch.tensor([0, 1, 2, 3])
+    l1 = torch.full((4, 10), -5.0)
+    l2 = torch.full((4, 10), -5.0)
+    l1[0, 0] = l1[1, 1] = 5.0; l1[2, 5] = 5.0; l1[3, 6] = 5.0   # exit 1: images 0, 1 right
+    l2[1, 1] = 5.0; l2[2, 2] = 5.0; l2[0, 7] = 1.0; l2[3, 3] = 0.5  # exit 2: 1, 2, 3 right (3 weakly)
+    l1[3, 6] = 5.0
+    out = evaluate_exits(_FixedExits(l1, l2), [(torch.zeros(4, 1), y, None)])
+    assert out["exit_acc"] == [50.0, 75.0] and out["acc"] == 75.0
+    probs = (l1.softmax(1) + l2.softmax(1)) / 2
+    assert out["ensemble_acc"] == 100.0 * (probs.argmax(1) == y).float().mean().item()
+    assert out["ensemble_acc"] == 75.0  # image 3: exit 1's confident wrong answer wins
+
+
+def test_multi_exit_run_records_every_exit(dirs):
+    data = _tiny(32, 20)
+    recipe = Recipe(epochs=1, batch_size=16, lr=0.01, optimizer="sgd", augment=True)
+    run = fit(kd.models.build("resnet18_multiexit", seed=0), data, recipe, chapter="t",
+              method="byot", step=kd.methods.byot_step, **dirs)
+    assert len(run.record["exit_acc"]) == 4
+    assert run.record["test_acc"] == run.record["exit_acc"][-1]
+    assert 0 <= run.record["ensemble_acc"] <= 100
+    assert run.record["speed"] == {"channels_last": True, "amp": "off", "compile": False}
+
+
+# ---- held-out selection ---------------------------------------------------------------------
+
+def test_holdout_is_disjoint_seeded_and_leaves_test_alone():
+    data = _tiny(100, 40)
+    a, b = data.holdout(20, seed=1), data.holdout(20, seed=1)
+    assert len(a.train_y) == 80 and len(a.val_y) == 20 and torch.equal(a.test_x, data.test_x)
+    assert torch.equal(a.val_x, b.val_x)
+    rows = {tuple(r[1:].flatten().tolist()) for r in a.train_x}
+    assert not any(tuple(r[1:].flatten().tolist()) in rows for r in a.val_x)
+    for bad in (0, 100, -3):
+        with pytest.raises(ValueError, match="val_size must be between 1 and 99"):
+            data.holdout(bad)
+
+
+def test_select_val_keeps_the_best_held_out_epoch_not_the_last(dirs, monkeypatch):
+    data = _tiny(80, 40).holdout(20)
+    scripted = iter([10.0, 60.0, 30.0] * 2)  # held-out accuracy per epoch: best is epoch 2
+    real = kd.train.evaluate_exits
+    saved = {}
+
+    def fake(model, loader, amp=None):
+        out = real(model, loader, amp)
+        if len(loader.y) == 20:  # the held-out loader
+            out["acc"] = next(scripted)
+            saved[len(saved)] = {k: v.clone() for k, v in model.state_dict().items()}
+        return out
+    monkeypatch.setattr(kd.train, "evaluate_exits", fake)
+    run = fit(kd.models.build("lightnn", seed=0), data, Recipe(epochs=3, batch_size=20), chapter="t",
+              method="ce", select="val", **dirs)
+    assert run.record["selected_epoch"] == 2 and run.record["val_acc"] == 60.0
+    assert run.record["test_acc"] == run.record["history"][1]["test_acc"]
+    assert all(torch.equal(v, saved[1][k]) for k, v in run.model.state_dict().items())
+    with pytest.raises(ValueError, match="select='val' needs a held-out set"):
+        fit(kd.models.build("lightnn"), _tiny(), Recipe(epochs=1), chapter="t", method="ce",
+            select="val", **dirs)
+
+
+# ---- schedule and augmentation --------------------------------------------------------------
+
+def test_onecycle_rises_then_falls_per_step(dirs):
+    run = fit(kd.models.build("lightnn", seed=0), _tiny(64, 20),
+              Recipe(epochs=4, batch_size=16, lr=0.1, optimizer="sgd", schedule="onecycle"),
+              chapter="t", method="ce", **dirs)
+    lrs = [h["lr"] for h in run.record["history"]]  # the learning rate at the start of each epoch
+    assert lrs[0] == pytest.approx(0.1 / 25) and lrs[1] > lrs[0] and lrs[3] < lrs[2]
+
+
+def test_random_erasing_rate_area_and_reproducibility():
+    x = torch.ones(2000, 3, 32, 32)
+    out = random_erasing(x, torch.Generator().manual_seed(0), p=0.5)
+    area = (out[:, 0] == 0).float().mean((1, 2))
+    hit = area > 0
+    assert 0.45 < hit.float().mean() < 0.55
+    # areas drawn from U(0.02, 0.33) of the image, up to rounding the sides to whole pixels
+    assert area[hit].min() >= 0.01 and area[hit].max() <= 0.36
+    assert area[hit].mean().item() == pytest.approx(0.175, abs=0.015)
+    assert torch.equal(out, random_erasing(x, torch.Generator().manual_seed(0), p=0.5))
+    assert torch.equal(random_erasing(x, torch.Generator().manual_seed(0), p=0.0), x)
+
+
+def test_auto_augment_is_per_image_and_reproducible():
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    a = auto_augment(x, torch.Generator().manual_seed(1))
+    b = auto_augment(x, torch.Generator().manual_seed(1))
+    assert a.dtype == torch.uint8 and a.shape == x.shape and torch.equal(a, b)
+    changed = [(a[i] != x[i]).any().item() for i in range(16)]
+    assert 0 < sum(changed)
+    assert not torch.equal(a, auto_augment(x, torch.Generator().manual_seed(2)))
+
+
+def test_speed_precision_choices():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert Speed().precision(cpu) is None  # bf16 on a CPU without AMX is slower, never by default
+    assert Speed(amp="bf16").precision(cpu) is torch.bfloat16
+    assert Speed(amp="off").precision(cuda) is None
+    assert Speed(amp="fp16").precision(cuda) is torch.float16
+    with pytest.raises(ValueError, match="amp must be"):
+        Speed(amp="int8").precision(cpu)
+
+
+# ---- the Part II steps ----------------------------------------------------------------------
+
+def test_hook_self_distillation_trains_its_projection_and_weight_zero_is_ce():
+    torch.manual_seed(0)
+    model = kd.methods.HookSelfDistill(kd.models.build("resnet18"))
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    loss = kd.methods.hook_sd_step(model, x, y, None, hook_weight=0.5)
+    loss.backward()
+    assert model.proj.weight.grad.abs().sum() > 0
+    assert any(p is model.proj.weight for p in kd.train._optimizer(model, Recipe(epochs=1)).param_groups[0]["params"])
+    model.eval()
+    assert kd.methods.hook_sd_step(model, x, y, None, hook_weight=0.0).item() == pytest.approx(
+        F.cross_entropy(model(x), y).item(), rel=1e-6)
+    assert kd.models.count_params(model) - kd.models.count_params(model.deployed) == 512 * 128 + 128
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_feature_kd_matches_shapes_and_only_the_student_learns():
+    torch.manual_seed(0)
+    teacher = kd.train.freeze(kd.models.build("resnet18"))
+    student = kd.methods.FeatureKDStudent(kd.models.SmallCNN(image_size=32))
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    t = kd.methods.feature_targets(teacher, x)
+    assert tuple(t["map"].shape) == (4, 512, 4, 4)
+    loss = kd.methods.feature_kd_step(student, x, y, t, feature_weight=0.3)
+    loss.backward()
+    assert student.proj.weight.grad.abs().sum() > 0 and student.student.features[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    s, m = kd.methods.match_maps(torch.zeros(1, 512, 14, 14), torch.zeros(1, 512, 7, 7))
+    assert s.shape == m.shape == (1, 512, 7, 7)
+    s, m = kd.methods.match_maps(torch.zeros(1, 512, 2, 2), torch.ones(1, 512, 4, 4))
+    assert s.shape == m.shape == (1, 512, 2, 2) and torch.all(m == 1)
+
+
+def test_small_cnn_sizes():
+    assert kd.models.count_params(kd.models.SmallCNN(image_size=32)) == 847_146
+    assert kd.models.count_params(kd.models.SmallCNN(image_size=224)) == 13_430_058
+    assert kd.models.SmallCNN(image_size=224)(torch.zeros(1, 3, 224, 224)).shape == (1, 10)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        kd.models.SmallCNN(image_size=100)
+
+
+def test_pretrained_teacher_falls_back_to_training_from_scratch_when_offline(dirs, monkeypatch, capsys):
+    import torchvision
+
+    def offline(*a, **k):
+        if k.get("weights") is not None:
+            raise OSError("no network")
+        return real(*a, **k)
+    real = torchvision.models.resnet18
+    monkeypatch.setattr(torchvision.models, "resnet18", offline)
+    with pytest.raises(kd.models.WeightsUnavailable, match="teacher_weights='none'"):
+        kd.models.pretrained_resnet18()
+    P = kd.params.check("pretrained", profile="smoke", **dirs)
+    run, how = kd.teachers.pretrained_teacher(P, _tiny(32, 20))
+    assert how == "scratch" and run.record["epochs"] == P.teacher_epochs
+    assert "Falling back to a ResNet18 trained from scratch" in capsys.readouterr().out
+
+
+def test_part_two_profiles():
+    cpu = kd.params.check("resnet", profile="cpu")
+    assert (cpu.train_size, cpu.epochs, cpu.teacher_epochs, cpu.seeds, cpu.schedule) == (5000, 3, 4, [0], "onecycle")
+    assert kd.params.check("resnet").epochs == 200
+    assert kd.params.check("pretrained", profile="cpu").dataset == "cifar10"
+    with pytest.raises(kd.params.ParameterError, match=r"parameter 'profile' = 'cpu' is not allowed: it must be one of 'full', 'smoke'"):
+        kd.params.check("hinton", profile="cpu")
+    with pytest.raises(kd.params.ParameterError, match="parameter 'amp' = 'fp8'"):
+        kd.params.check("resnet", amp="fp8")
+
+
+def test_imagenet_sized_datasets_fail_clearly_offline(tmp_path):
+    with pytest.raises(ValueError, match="CIFAR-10 images are 32 px"):
+        kd.data.load_dataset("cifar10", image_size=224)
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+        kd.data.load_dataset("mnist", tmp_path)
+    with pytest.raises(kd.data.DataNotFoundError, match=r"stl10 is not in .* could not be downloaded"):
+        kd.data.load_dataset("stl10", tmp_path, image_size=96, download=False)
