@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -30,6 +31,7 @@ from . import data as D
 from . import methods
 from .losses import byot_loss
 from .models import build
+from .results import device_name
 from .train import Recipe, _optimizer, pick_device, precompute_teacher
 
 
@@ -40,6 +42,7 @@ class Setup:
     loss: str = "ce"
     augment: bool = False
     optimizer: str = "adam"
+    r1_augment: bool = False  # R1's AutoAugment + RandomErasing on top of crop and flip
 
 
 SETUPS = {
@@ -48,7 +51,8 @@ SETUPS = {
     "deepnn_ce": Setup("deepnn"),
     "resnet18_ce": Setup("resnet18", augment=True, optimizer="sgd"),
     "resnet18_kd": Setup("resnet18", "resnet50", "kd", augment=True, optimizer="sgd"),
-    "resnet18_byot": Setup("resnet18_multiexit", loss="byot", augment=True, optimizer="sgd"),
+    "resnet18_byot": Setup("resnet18_multiexit", loss="byot", augment=True, optimizer="sgd",
+                           r1_augment=True),
 }
 
 
@@ -70,13 +74,16 @@ def _step_and_optimizer(setup: Setup, model):
 class _PILDataset(torch.utils.data.Dataset):
     """Images as PIL objects with per-sample torchvision transforms, like the R notebooks."""
 
-    def __init__(self, x_uint8, y, augment, mean, std):
+    def __init__(self, x_uint8, y, augment, mean, std, r1_augment=False):
         from PIL import Image
         from torchvision import transforms as T
         self.images = [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in x_uint8]
         self.y = y.tolist()
         steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []
-        self.transform = T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
+        if r1_augment:
+            steps.append(T.AutoAugment(T.AutoAugmentPolicy.CIFAR10))
+        after = [T.RandomErasing(p=0.5, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0)] if r1_augment else []
+        self.transform = T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)] + after)
 
     def __len__(self):
         return len(self.y)
@@ -121,7 +128,7 @@ def bench_setup(name: str, images, labels, *, device, batch_size, warmup, steps,
         torch.cuda.reset_peak_memory_stats(device)
 
     # --- reference style --------------------------------------------------------------
-    ds = _PILDataset(x, y, setup.augment, mean, std)
+    ds = _PILDataset(x, y, setup.augment, mean, std, setup.r1_augment)
     loader = lambda: torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True,  # noqa: E731
                                                  num_workers=workers, drop_last=True)
     student = build(setup.student, seed=0).to(device).train()
@@ -148,7 +155,8 @@ def bench_setup(name: str, images, labels, *, device, batch_size, warmup, steps,
     teacher = build(setup.teacher, seed=1).to(device, memory_format=cl).eval() if setup.teacher else None
     step, opt = _step_and_optimizer(setup, student)
     tl = D.TensorLoader(x, y, batch_size, shuffle=True, augment=setup.augment, device=device,
-                        drop_last=True, channels_last=True)
+                        drop_last=True, channels_last=True, autoaugment=setup.r1_augment,
+                        erasing=0.5 if setup.r1_augment else 0.0)
     use_amp = amp and device.type == "cuda"
     precomputed = None
     if teacher is not None and not setup.augment:  # exact: the teacher sees the same tensors every epoch
@@ -191,6 +199,7 @@ def main(argv=None):
     ap.add_argument("--no-amp", action="store_true", help="no autocast on CUDA")
     ap.add_argument("--synthetic", action="store_true", help="random images instead of CIFAR-10")
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--out", default=None, help="also write the table and its context to this JSON file")
     args = ap.parse_args(argv)
     for name in ("batch_size", "repeats"):
         if getattr(args, name) < 1:
@@ -215,9 +224,21 @@ def main(argv=None):
         print(f"{name}: reference {rows[-1]['reference img/s']:.0f} img/s, kdutils "
               f"{rows[-1]['kdutils img/s']:.0f} img/s ({rows[-1]['speed-up']:.2f}x)", flush=True)
     table = pd.DataFrame(rows)
-    print(f"\ndevice: {device} | data: {source} | batch {args.batch_size} | {steps} steps x "
-          f"{args.repeats} repeats after {args.warmup} warm-up | torch {torch.__version__}")
+    context = (f"device: {device_name(device)} | data: {source} | batch {args.batch_size} | "
+               f"{steps} steps x {args.repeats} repeats after {args.warmup} warm-up | "
+               f"{args.workers} DataLoader workers | torch {torch.__version__}")
+    print("\n" + context)
     print(table.round(2).to_string(index=False))
+    if args.out:
+        import datetime as dt
+        import json
+        from pathlib import Path
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({
+            "command": "python -m kdutils.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "context": context, "device": device_name(device), "torch_version": torch.__version__,
+            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "rows": rows}, indent=1))
     return table
 
 

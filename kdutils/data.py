@@ -325,19 +325,47 @@ class TensorLoader:
         self.drop_last, self.channels_last = drop_last, channels_last
         self.autoaugment, self.erasing = autoaugment, erasing
         self.epoch = 0
+        self.rank, self.world = 0, 1
+
+    def shard(self, rank: int, world: int) -> "TensorLoader":
+        """Make this process's loader one of ``world`` (under torchrun).
+
+        A shuffled (training) loader cuts every global batch of ``batch_size`` images into
+        ``world`` equal, disjoint parts and yields part ``rank``; the order and augmentation
+        are those of the single-process loader with the same seed, so the processes together
+        see exactly its batches (the last, incomplete global batch is dropped). A fixed-order
+        (evaluation) loader yields every ``world``-th image starting at ``rank``.
+        """
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must be in [0, {world}), got {rank}")
+        if self.shuffle and self.batch_size % world:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of the number of "
+                             f"processes ({world}): it is the global batch, split evenly")
+        self.rank, self.world = rank, world
+        return self
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self) -> int:
+    def _size(self) -> int:
         n = len(self.y)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        if self.world > 1 and not self.shuffle:
+            n = len(range(self.rank, n, self.world))
+        return n
+
+    def __len__(self) -> int:
+        n = self._size()
+        drop = self.drop_last or (self.world > 1 and self.shuffle)
+        return n // self.batch_size if drop else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         n = len(self.y)
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        if self.world > 1 and not self.shuffle:
+            order = order[self.rank::self.world]
         order = order.to(self.device)
+        part = self.batch_size // self.world  # this process's share of a global batch
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             xb = self.x[idx]
@@ -348,6 +376,9 @@ class TensorLoader:
             xb = normalize(xb, self.mean, self.std)
             if self.erasing > 0:
                 xb = random_erasing(xb, g, p=self.erasing)
+            if self.world > 1 and self.shuffle:  # augmented as one global batch, then cut
+                lo = self.rank * part
+                xb, idx = xb[lo:lo + part], idx[lo:lo + part]
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yield xb, self.y[idx], idx

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dist import device_for, world
 from .hooks import capture
 from .losses import byot_loss, ce_loss, cosine_loss, hint_loss, kd_loss, pool_to_dim
 from .models import build
@@ -80,7 +81,7 @@ def hint_targets(teacher, x):
 
 def hint_step(model, x, y, t, *, hint_weight=0.7, ce_weight=0.3):
     """MSE between the regressed student map and the teacher's map, plus cross-entropy."""
-    logits, f = model.student(x, return_features=True)
+    logits, f = model(x, return_features=True)  # the forward goes through model(...): see fit()
     return hint_loss(logits, model.regressor(f), t["map"], y, hint_weight, ce_weight)
 
 
@@ -135,8 +136,8 @@ def run_method(method: str, data, *, seeds, epochs, batch_size=128, lr=1e-3, tea
             _, ckpt, _ = run_paths(model, data, recipe, chapter=chapter, method=method, params=w,
                                    profile=profile, teacher_key=kw["teacher_key"], ckpt_dir=ckpt_dir)
             if outputs is None and not is_finished(ckpt, recipe.epochs):  # a reload needs no teacher pass
-                outputs = precompute_teacher(teacher.model.to(pick_device(device)).eval(),
-                                             targets, data, pick_device(device))
+                dev = pick_device(device_for(str(device), world()))
+                outputs = precompute_teacher(teacher.model.to(dev).eval(), targets, data, dev)
             kw["teacher_outputs"] = outputs
         runs.append(fit(model, data, recipe, **shared, **kw))
     return runs
@@ -178,12 +179,12 @@ def hook_sd_step(model, x, y, t, *, hook_weight=0.5):
     """``hook_weight * MSE(pool(layer2), proj(layer4)) + (1 - hook_weight) * CE``.
 
     Both maps are captured by forward hooks; layer2's map is average-pooled to layer4's
-    spatial size. ``hook_weight=0`` is the baseline without the term (plain cross-entropy).
+    spatial size. ``hook_weight=0`` is the baseline without the term: the loss and every
+    gradient of the network are plain cross-entropy's (the projection still runs, so that all
+    trainable parameters take part in every step, as DistributedDataParallel expects).
     """
-    if hook_weight == 0:
-        return ce_loss(model(x), y)
     with capture(model.net, [model.shallow, model.deep]) as f:
-        logits = model.net(x)
+        logits = model(x)
     deep, shallow = f[model.deep], f[model.shallow]
     shallow = F.adaptive_avg_pool2d(shallow, deep.shape[-2:])
     return (hook_weight * F.mse_loss(shallow, model.proj(deep))
@@ -233,7 +234,7 @@ def feature_kd_step(model, x, y, t, *, feature_weight=0.3):
     spatial size (:func:`match_maps`).
     """
     with capture(model.student, [model.layer]) as f:
-        logits = model.student(x)
+        logits = model(x)
     s_map, t_map = match_maps(model.proj(f[model.layer]), t["map"])
     return (1 - feature_weight) * ce_loss(logits, y) + feature_weight * F.mse_loss(s_map, t_map.float())
 

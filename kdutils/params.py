@@ -192,6 +192,10 @@ SCHEMAS: dict[str, dict[str, Callable]] = {
                    "teacher_weights": choice("imagenet", "none"), "image_size": positive_int,
                    "T": positive_float, "alpha": probability, "feature_weight": probability},
     "results": {"results_dir": optional_path},
+    "speed": {**COMMON, "student": choice(*MODELS)},
+    "scaleout": {"profile": COMMON["profile"], "dataset": COMMON["dataset"], "epochs": positive_int,
+                 "batch_size": positive_int, "processes": positive_int, "train_size": positive_int,
+                 "data_dir": optional_path},
 }
 
 # R5's recipe: Adam 1e-3, batch 128, 10 epochs, no augmentation; three seeds per method.
@@ -222,6 +226,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                    "schedule": "constant", "seeds": [0], "T": 2.0, "alpha": 0.7,
                    "feature_weight": 0.3},
     "results": {"results_dir": None},
+    # Appendix "Making it fast": R5's student recipe, fp32 NCHW against the fast settings.
+    "speed": {**_R5, "seeds": [0], "student": "lightnn"},
+    # Appendix "Scale-out": 1 process against several, on a subset.
+    "scaleout": {"profile": "full", "dataset": "cifar10", "epochs": 3, "batch_size": 64,
+                 "processes": 2, "train_size": 4000, "data_dir": None},
 }
 
 # Names an IPython namespace holds besides the parameters.

@@ -57,7 +57,12 @@ def get_teacher(name: str, data, recipe: Recipe, *, profile: str = "full", devic
                 f"no finished {name} teacher for this recipe and data: looked for {ckpt}. "
                 "Run the chapter that trains it (chapter 2 for Part I) with the same "
                 "parameters and ckpt_dir, or allow training it here (train_if_missing=True).")
-    with FileLock(str(folder / f"{name}.lock")):
+    from contextlib import nullcontext
+
+    from .dist import world
+    # Under torchrun the processes train the teacher together; a file lock would deadlock them.
+    lock = nullcontext() if world().distributed else FileLock(str(folder / f"{name}.lock"))
+    with lock:
         run = fit(model, data, recipe, chapter="teacher", method=name,
                   profile=profile, device=device, ckpt_dir=ckpt_dir, results_dir=results_dir,
                   progress=progress, speed=speed)

@@ -168,9 +168,11 @@ def evaluate_exits(model: nn.Module, loader, autocast_dtype: torch.dtype | None 
     Returns ``{"acc": deepest exit, "exit_acc": [...], "ensemble_acc": ...}``; the last two
     only for a multi-exit model. The ensemble averages the exits' softmax probabilities.
     """
+    from .dist import all_sum
     was_training = model.training
     model.eval()
     correct, ens_correct, total = None, 0, 0
+    n_exits = None
     for x, y, _ in loader:
         with torch.autocast(x.device.type, autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
@@ -181,8 +183,12 @@ def evaluate_exits(model: nn.Module, loader, autocast_dtype: torch.dtype | None 
             probs = torch.stack([p.float().softmax(1) for p in exits]).mean(0)
             ens_correct += (probs.argmax(1) == y).sum().item()
         total += len(y)
+        n_exits = len(exits)
     model.train(was_training)
-    accs = (100.0 * correct.double() / total).tolist()
+    # under torchrun each process saw a shard of the loader: add up the counts of all
+    counts = all_sum(torch.cat([correct.double().cpu(), torch.tensor([ens_correct, total], dtype=torch.float64)]))
+    correct, ens_correct, total = counts[:n_exits], counts[n_exits].item(), counts[n_exits + 1].item()
+    accs = (100.0 * correct / total).tolist()
     out = {"acc": accs[-1]}
     if len(accs) > 1:
         out["exit_acc"] = accs
@@ -255,7 +261,8 @@ def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, meth
         teacher_targets: TeacherTargets | None = None, teacher_key: str | None = None,
         teacher_outputs: dict[str, torch.Tensor] | None = None, params: dict | None = None,
         profile: str = "full", device="auto", speed: Speed = Speed(), select: str = "last",
-        ckpt_dir=None, results_dir=None, progress: bool = True, write: bool = True) -> Run:
+        sync_bn: bool = False, ckpt_dir=None, results_dir=None, progress: bool = True,
+        write: bool = True) -> Run:
     """Train ``model`` on ``data`` by ``recipe`` with ``step`` as the loss; resume if possible.
 
     ``step(model, x, y, t)`` returns the loss of a batch; ``t`` is the dict that
@@ -271,14 +278,23 @@ def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, meth
     ``select="val"`` keeps the weights of the epoch with the best validation accuracy.
     The run's checkpoint name is a hash of everything that defines it, so starting the same
     run again continues from its last finished epoch (and a finished run only reloads).
+
+    Under ``torchrun`` (:func:`kdutils.dist.setup` called first) the same call trains with
+    DistributedDataParallel: ``recipe.batch_size`` is the global batch, each process takes
+    its share of every batch, metrics are summed over processes, and only rank 0 writes
+    checkpoints, records and the progress bar. ``sync_bn`` turns BatchNorm layers into
+    SyncBatchNorm (GPUs), so that their statistics span the global batch.
     """
+    from . import dist
+    w = dist.world()
+    write = write and w.main
     if select not in ("last", "val"):
         raise ValueError(f"select must be 'last' or 'val', got {select!r}")
     if select == "val" and data.val_x is None:
         raise ValueError("select='val' needs a held-out set: pass data.holdout(val_size)")
     if teacher is not None and teacher_targets is None:
         raise ValueError("a teacher was given without teacher_targets (what the loss needs from it)")
-    dev = pick_device(device)
+    dev = pick_device(dist.device_for(str(device), w))
     amp = speed.precision(dev)
     params = dict(params or {})
     key, ckpt, record_path = run_paths(model, data, recipe, chapter=chapter, method=method,
@@ -286,7 +302,7 @@ def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, meth
                                        ckpt_dir=ckpt_dir, results_dir=results_dir)
     best_path = ckpt.with_name(ckpt.stem + ".best.pt")
     out_dir = record_path.parent
-    for folder in (ckpt.parent, out_dir) if write else (ckpt.parent,):
+    for folder in ((ckpt.parent, out_dir) if write else (ckpt.parent,)) if w.main else ():
         _check_writable(folder)
 
     fmt = torch.channels_last if speed.channels_last else torch.contiguous_format
@@ -302,6 +318,9 @@ def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, meth
         from .data import TensorLoader
         val_loader = TensorLoader(data.val_x, data.val_y, 1000, shuffle=False, mean=data.mean,
                                   std=data.std, device=dev, channels_last=speed.channels_last)
+    for loader in (train_loader, test_loader, val_loader):
+        if loader is not None and w.distributed:
+            loader.shard(w.rank, w.size)
     steps = len(train_loader)
     opt = _optimizer(model, recipe)
     sched = _scheduler(opt, recipe, steps)
@@ -338,20 +357,33 @@ def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, meth
         cached = precompute_teacher(teacher, teacher_targets, data, dev)
         extra_s += time.perf_counter() - t0
 
-    run_model = torch.compile(model) if speed.compile and start < recipe.epochs else model
+    run_model = model
+    if w.distributed:
+        if sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # Every trainable parameter must take part in every step's loss (the book's steps
+        # keep a projection in the graph even when its loss weight is 0).
+        run_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if speed.compile and start < recipe.epochs:
+        run_model = torch.compile(run_model)
+    if run_model is not model:  # the step calls it; attributes still reach the model
+        run_model = dist.Replica(run_model, model)
     bar = None
-    if progress and start < recipe.epochs:
+    if progress and start < recipe.epochs and w.main:
         from tqdm.auto import tqdm
         bar = tqdm(total=recipe.epochs * steps, initial=start * steps, mininterval=2,
                    desc=f"{chapter}/{method} seed {recipe.seed}", leave=False)
     loop = _Loop(run_model, train_loader, test_loader, val_loader, opt, sched, scaler, amp, step,
-                 teacher, teacher_targets, cached, recipe, ckpt, bar)
+                 teacher, teacher_targets, cached, recipe, ckpt, bar, model, w.rank)
     # The loop reseeds the global generators every epoch; fork_rng hands the caller's back.
     rng = torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [])
     try:
         with rng:
             for epoch in range(start, recipe.epochs):
                 history.append(loop.epoch(epoch))
+                if not w.main:
+                    continue
                 if select == "val" and history[-1]["val_acc"] >= max(h["val_acc"] for h in history):
                     atomic_save({"key": key, "epoch": epoch + 1, "model": model.state_dict()},
                                 best_path)
@@ -363,10 +395,13 @@ def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, meth
     finally:
         if bar is not None:
             bar.close()
+    dist.barrier()  # rank 0's files are complete before any process reads them
 
     extra = {"speed": {"channels_last": speed.channels_last,
                        "amp": str(amp).replace("torch.", "") if amp else "off",
                        "compile": speed.compile}}
+    if w.distributed:
+        extra["processes"] = w.size
     if "exit_acc" in history[-1]:
         extra.update(exit_acc=history[-1]["exit_acc"], ensemble_acc=history[-1]["ensemble_acc"])
     if select == "val":
@@ -374,7 +409,7 @@ def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, meth
         state = load_checkpoint(best_path, map_location=dev)
         load_state_dict_strict(model, state["model"], str(best_path))
         extra.update(selected_epoch=best + 1, select="val", val_acc=history[best]["val_acc"])
-    if start == recipe.epochs and record_path.is_file():
+    if start == recipe.epochs and record_path.is_file() and w.main:
         # A finished run that was only reloaded: its record already says how it was made.
         return Run(model, json.loads(record_path.read_text()), ckpt, record_path, start)
     record = make_record(chapter=chapter, method=method, profile=profile, device=dev,
@@ -433,6 +468,12 @@ class _Loop:
     recipe: Recipe
     ckpt: Path
     bar: object
+    module: nn.Module | None = None  # the model itself (``model`` may be its DDP/compiled wrapper)
+    rank: int = 0
+
+    def __post_init__(self):
+        if self.module is None:
+            self.module = self.model
 
     def _teacher(self, x, idx):
         if self.cached is not None:
@@ -451,9 +492,9 @@ class _Loop:
         # Every random draw of an epoch (batch order, augmentation, dropout) follows from
         # (seed, epoch), so a run resumed at this epoch repeats it bit for bit.
         r = self.recipe
-        torch.manual_seed(r.seed * 100_003 + epoch)
+        torch.manual_seed(r.seed * 100_003 + epoch + 7_919 * self.rank)  # own dropout per process
         self.train_loader.set_epoch(epoch)
-        self.model.train()
+        self.module.train()
         lr = self.opt.param_groups[0]["lr"]
         t0 = time.perf_counter()
         losses = []
@@ -477,15 +518,16 @@ class _Loop:
             if (i + 1) % 50 == 0:
                 _check_finite(losses, epoch, lr, self.ckpt)  # a sync every 50 steps, not every step
         _check_finite(losses, epoch, lr, self.ckpt)
-        train_loss = torch.stack(losses).float().mean().item()
+        from .dist import all_sum, world
+        train_loss = (all_sum(torch.stack(losses).float().mean().detach().cpu()) / world().size).item()
         if self.sched is not None and r.schedule != "onecycle":
             self.sched.step()
-        ev = evaluate_exits(self.model, self.test_loader, self.amp)
+        ev = evaluate_exits(self.module, self.test_loader, self.amp)
         row = {"epoch": epoch + 1, "train_loss": train_loss, "test_acc": ev["acc"], "lr": lr}
         if "exit_acc" in ev:
             row.update(exit_acc=ev["exit_acc"], ensemble_acc=ev["ensemble_acc"])
         if self.val_loader is not None:
-            row["val_acc"] = evaluate_exits(self.model, self.val_loader, self.amp)["acc"]
+            row["val_acc"] = evaluate_exits(self.module, self.val_loader, self.amp)["acc"]
         row["seconds"] = time.perf_counter() - t0
         if self.bar is not None:
             self.bar.set_postfix(epoch=epoch + 1, loss=f"{train_loss:.3f}", acc=f"{ev['acc']:.2f}")

@@ -1,12 +1,18 @@
 """The benchmark runs end to end in a tiny size, so it cannot rot."""
+import json
+
 import pytest
 
 from kdutils import bench
 
 
-def test_bench_runs_every_setup_and_reports_both_styles(capsys):
+def test_bench_runs_every_setup_and_reports_both_styles(capsys, tmp_path):
+    out = tmp_path / "bench.json"
     table = bench.main(["--synthetic", "--batch-size", "8", "--steps", "1", "--repeats", "1",
-                        "--warmup", "1", "--workers", "0", "--device", "cpu"])
+                        "--warmup", "1", "--workers", "0", "--device", "cpu", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert [r["setup"] for r in saved["rows"]] == list(bench.SETUPS)
+    assert saved["command"].startswith("python -m kdutils.bench --synthetic") and "cpu" in saved["device"]
     assert list(table["setup"]) == list(bench.SETUPS)
     for col in ("reference img/s", "kdutils img/s", "reference data img/s", "kdutils data img/s"):
         assert (table[col] > 0).all(), col

@@ -1,0 +1,155 @@
+"""Every chapter's recipe from the command line, and under ``torchrun`` on several processes.
+
+    python -m kdutils.recipes hinton_kd --epochs 10 --seeds 0 1 2
+    torchrun --nproc_per_node 4 -m kdutils.recipes resnet_kd --profile fast
+    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --rdzv_backend c10d \\
+             --rdzv_endpoint HOST:29500 -m kdutils.recipes selfdistill
+
+A recipe takes the parameters of its chapter (``--name value``, the same names, defaults,
+profiles and checks as the notebook's parameter cell) and runs what the chapter runs, with the
+same kdutils models, losses and loop; the run records land where the chapter's do, so the
+chapter then only reloads them. ``batch_size`` is the global batch, split across processes.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+
+from . import data as D
+from . import dist, methods, models, params, teachers
+from .results import to_frame
+
+PART_ONE = {"baseline": ("baseline", "ce"), "hinton_kd": ("hinton", "kd"),
+            "cosine": ("cosine", "cosine"), "regressor": ("regressor", "hint")}
+PART_TWO = {"resnet_kd": "resnet", "selfdistill": "selfdistill", "pretrained": "pretrained"}
+RECIPES = {**{k: v[0] for k, v in PART_ONE.items()}, **PART_TWO}
+
+
+def _kw(P):
+    return dict(profile=P.profile, device=P.device, ckpt_dir=P.ckpt_dir,
+                results_dir=P.results_dir, progress=P.progress)
+
+
+def _load(P):
+    with dist.main_first():  # rank 0 decodes and caches the images, the others then read the cache
+        return D.load_dataset(P.dataset, P.data_dir, image_size=P.get("image_size", 32),
+                              train_size=P.train_size, test_size=P.test_size)
+
+
+def part_one(name: str, P) -> list:
+    """Chapters 2-5: the DeepNN teacher (trained or loaded), then the chapter's students."""
+    chapter, method = PART_ONE[name]
+    data = _load(P)
+    teacher = teachers.get_teacher(P.teacher, data,
+                                   teachers.teacher_recipe(P.teacher_epochs, P.batch_size, P.lr), **_kw(P))
+    weights = {k: P[k] for k in methods.METHODS[method][4]}
+    runs = methods.run_method(method, data, seeds=P.seeds, epochs=P.epochs, batch_size=P.batch_size,
+                              lr=P.lr, teacher=None if method == "ce" else teacher, **_kw(P), **weights)
+    return [teacher] + runs
+
+
+def resnet_kd(P) -> list:
+    """Chapter 7: the ResNet50 teacher, then ResNet18 with cross-entropy and with KD."""
+    data = _load(P)
+    teacher = teachers.get_teacher("resnet50", data, teachers.sgd_recipe(P, epochs=P.teacher_epochs),
+                                   speed=teachers.speed(P), **_kw(P))
+    make = lambda seed: models.build("resnet18", seed=seed)  # noqa: E731
+    return ([teacher] + methods.run_seeds("ce", make, methods.ce_step, data, P, chapter="resnet")
+            + methods.run_seeds("kd", make, methods.kd_step, data, P, chapter="resnet", teacher=teacher,
+                                targets=methods.kd_targets, weights={"T": P.T, "alpha": P.alpha}))
+
+
+def selfdistill(P) -> list:
+    """Chapter 8's main result: the four-exit ResNet18 and the plain one, same recipe."""
+    data = _load(P)
+    weights = {"T": P.T, "kd_weight": P.kd_weight, "feature_weight": P.feature_weight,
+               "detach_teacher": P.detach_teacher}
+    same_as_chapter_7 = not (P.autoaugment or P.erasing)
+    return (methods.run_seeds("byot", lambda s: models.build("resnet18_multiexit", seed=s),
+                              methods.byot_step, data, P, chapter="selfdistill", weights=weights)
+            + methods.run_seeds("ce", lambda s: models.build("resnet18", seed=s), methods.ce_step,
+                                data, P, chapter="resnet" if same_as_chapter_7 else "selfdistill"))
+
+
+def pretrained(P) -> list:
+    """Chapter 9: the pretrained (or fallback) teacher and the three small-CNN students."""
+    from functools import partial
+
+    from .train import Recipe
+    data = _load(P)
+    teacher, how = teachers.pretrained_teacher(P, data)
+    layer = "net.layer4" if how == "imagenet" else "layer4"
+    recipe = lambda seed: Recipe(epochs=P.epochs, batch_size=P.batch_size, lr=P.lr,  # noqa: E731
+                                 schedule=P.schedule, seed=seed)
+    small = lambda seed: methods.seeded(lambda: models.SmallCNN(image_size=P.image_size), seed)  # noqa: E731
+    with_proj = lambda seed: methods.seeded(  # noqa: E731
+        lambda: methods.FeatureKDStudent(models.SmallCNN(image_size=P.image_size)), seed)
+    common = dict(chapter="pretrained", recipe=recipe)
+    return ([teacher]
+            + methods.run_seeds("ce", small, methods.ce_step, data, P, **common)
+            + methods.run_seeds("kd", small, methods.kd_step, data, P, teacher=teacher,
+                                targets=methods.kd_targets, weights={"T": P.T, "alpha": P.alpha}, **common)
+            + methods.run_seeds("feature-kd", with_proj, methods.feature_kd_step, data, P,
+                                teacher=teacher, targets=partial(methods.feature_targets, layer=layer),
+                                weights={"feature_weight": P.feature_weight}, **common))
+
+
+def run(name: str, P) -> list:
+    """Run recipe ``name`` with checked parameters ``P``; returns the runs (teacher first)."""
+    if name in PART_ONE:
+        return part_one(name, P)
+    return {"resnet_kd": resnet_kd, "selfdistill": selfdistill, "pretrained": pretrained}[name](P)
+
+
+def _value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a plain word: a string parameter ("cpu", "onecycle", ...)
+
+
+def parse(argv=None):
+    """``(recipe name, checked parameters)`` from the command line."""
+    ap = argparse.ArgumentParser(prog="python -m kdutils.recipes", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Parameters are the chapter's (see its first cell); "
+                                        "'python -m kdutils.recipes NAME --help' lists them.")
+    ap.add_argument("recipe", choices=list(RECIPES))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        ap.print_help()
+        ap.exit()
+    first, rest = ap.parse_args(argv[:1]), argv[1:]
+    chapter = RECIPES[first.recipe]
+    sub = argparse.ArgumentParser(prog=f"python -m kdutils.recipes {first.recipe}")
+    for name in params.SCHEMAS[chapter]:
+        default = params.DEFAULTS[chapter][name]
+        sub.add_argument(f"--{name}", nargs="+" if name == "seeds" else None,
+                         help=f"default: {default!r}")
+    args = sub.parse_args(rest)
+    given = {k: (_value(v) if not isinstance(v, list) else [_value(s) for s in v])
+             for k, v in vars(args).items() if v is not None}
+    try:
+        return first.recipe, params.check(chapter, **given)
+    except params.ParameterError as e:
+        sub.error(str(e))
+
+
+def main(argv=None) -> list:
+    name, P = parse(argv)
+    w = dist.setup(P.device)
+    try:
+        runs = run(name, P)
+        if w.main:
+            table = to_frame(runs)[["chapter", "method", "seed", "epochs", "test_acc", "wall_time_s",
+                                    "device", "path"]]
+            print(f"{name}: {params.describe(P)}, {w.size} process(es)")
+            print(table.to_string(index=False))
+        return runs
+    finally:
+        dist.teardown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
