@@ -227,7 +227,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                    "feature_weight": 0.3},
     "results": {"results_dir": None},
     # Appendix "Making it fast": R5's student recipe, fp32 NCHW against the fast settings.
-    "speed": {**_R5, "seeds": [0], "student": "lightnn"},
+    "speed": {**_R5, "student": "lightnn"},
     # Appendix "Scale-out": 1 process against several, on a subset.
     "scaleout": {"profile": "full", "dataset": "cifar10", "epochs": 3, "batch_size": 64,
                  "processes": 2, "train_size": 4000, "data_dir": None},
@@ -277,8 +277,9 @@ def _apply_profile(p: Params, chapter: str) -> Params:
     if "profile" not in p:  # a chapter that trains nothing (the results chapter)
         return p
     prof = {**PROFILES[p.profile], **PART2_PROFILES.get(chapter, {}).get(p.profile, {})}
-    p["train_size"] = prof.get("train_size")  # None: the whole split
-    p["test_size"] = prof.get("test_size")
+    for name in ("train_size", "test_size"):  # None: the whole split
+        if name in prof or name not in p:  # a chapter may also take them as parameters
+            p[name] = prof.get(name)
     for name, value in prof.items():
         if name in p:
             p[name] = value

@@ -32,8 +32,9 @@ def device_name(device: torch.device) -> str:
 
 def make_record(*, chapter, method, profile, device, data, recipe, params, history, model,
                 key, teacher_key, wall_time_s, extra: dict | None = None) -> dict:
-    from .models import count_params
+    from .models import count_params, flops_per_image
     deployed = getattr(model, "deployed", model)  # e.g. a student without its training-only regressor
+    size = data.train_x.shape[-1]
     return {
         "chapter": chapter, "method": method, "profile": profile,
         "device": device_name(device), "data_source": data.source,
@@ -44,6 +45,7 @@ def make_record(*, chapter, method, profile, device, data, recipe, params, histo
         "params": {**asdict(recipe), **params},
         "model": type(deployed).__name__, "model_params": count_params(deployed),
         "train_params": count_params(model),
+        "mflops_per_image": round(flops_per_image(deployed, size) / 1e6, 2), "image_size": size,
         "teacher_key": teacher_key, "run_key": key, **(extra or {}),
         "torch_version": torch.__version__,
         "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
