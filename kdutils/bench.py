@@ -8,7 +8,8 @@ forward and backward, optimiser) in two styles:
 
 * ``reference``: a torchvision ``DataLoader`` over PIL images with per-sample transforms,
   fp32, NCHW, the teacher in fp32 run at every step (as the R notebooks do);
-* ``kdutils``: batches cut from uint8 tensors on the device and augmented there, channels_last,
+* ``kdutils``: batches cut from uint8 tensors on the device and augmented there, the memory
+  layout the loop uses on the device (channels_last on a GPU, NCHW on the CPU),
   autocast where it pays (CUDA), the teacher in inference mode (and its outputs precomputed
   when nothing is augmented, as the chapters do).
 
@@ -32,7 +33,7 @@ from . import methods
 from .losses import byot_loss
 from .models import build
 from .results import device_name
-from .train import Recipe, _optimizer, pick_device, precompute_teacher
+from .train import Recipe, Speed, _optimizer, pick_device, precompute_teacher
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,8 @@ def bench_setup(name: str, images, labels, *, device, batch_size, warmup, steps,
     n_needed = batch_size * (warmup + steps * repeats + 1)
     x, y = images[:n_needed], labels[:n_needed]
     mean, std = D.CIFAR10_MEAN, D.CIFAR10_STD
-    row = {"setup": name, "device": str(device), "batch": batch_size}
+    row = {"setup": name, "device": str(device), "batch": batch_size,
+           "kdutils layout": "channels_last" if Speed().layout(device) else "NCHW"}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -150,12 +152,13 @@ def bench_setup(name: str, images, labels, *, device, batch_size, warmup, steps,
     row["reference data img/s"] = _time_steps(lambda b: None, loader, device, 1, steps, repeats, batch_size)
 
     # --- kdutils style ----------------------------------------------------------------
-    cl = torch.channels_last
+    use_cl = Speed().layout(device)  # the layout fit() uses on this device
+    cl = torch.channels_last if use_cl else torch.contiguous_format
     student = build(setup.student, seed=0).to(device, memory_format=cl).train()
     teacher = build(setup.teacher, seed=1).to(device, memory_format=cl).eval() if setup.teacher else None
     step, opt = _step_and_optimizer(setup, student)
     tl = D.TensorLoader(x, y, batch_size, shuffle=True, augment=setup.augment, device=device,
-                        drop_last=True, channels_last=True, autoaugment=setup.r1_augment,
+                        drop_last=True, channels_last=use_cl, autoaugment=setup.r1_augment,
                         erasing=0.5 if setup.r1_augment else 0.0)
     use_amp = amp and device.type == "cuda"
     precomputed = None

@@ -1,4 +1,4 @@
-"""Every chapter's recipe from the command line, and under ``torchrun`` on several processes.
+"""Every chapter's recipe from the command line, and under ``torchrun`` on several processes::
 
     python -m kdutils.recipes hinton_kd --epochs 10 --seeds 0 1 2
     torchrun --nproc_per_node 4 -m kdutils.recipes resnet_kd --profile fast

@@ -93,7 +93,7 @@ def test_multi_exit_run_records_every_exit(dirs):
     assert len(run.record["exit_acc"]) == 4
     assert run.record["test_acc"] == run.record["exit_acc"][-1]
     assert 0 <= run.record["ensemble_acc"] <= 100
-    assert run.record["speed"] == {"channels_last": True, "amp": "off", "compile": False}
+    assert run.record["speed"] == {"channels_last": False, "amp": "off", "compile": False}  # CPU defaults
 
 
 # ---- held-out selection ---------------------------------------------------------------------
@@ -168,6 +168,7 @@ def test_auto_augment_is_per_image_and_reproducible():
 
 def test_speed_precision_choices():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not Speed().layout(cpu) and Speed().layout(cuda) and Speed(channels_last=True).layout(cpu)
     assert Speed().precision(cpu) is None  # bf16 on a CPU without AMX is slower, never by default
     assert Speed(amp="bf16").precision(cpu) is torch.bfloat16
     assert Speed(amp="off").precision(cuda) is None

@@ -63,8 +63,7 @@ def test_precomputed_teacher_outputs_give_the_same_run_as_per_step(tiny, dirs, t
     b_model = kd.models.build("lightnn", seed=2)
     kd.train.freeze(teacher.model)
     from kdutils.train import _Loop
-    b_model.to(memory_format=torch.channels_last)
-    train, test = kd.data.loaders(tiny, 16, seed=0, channels_last=True)
+    train, test = kd.data.loaders(tiny, 16, seed=0)  # fit's layout on the CPU: NCHW
     opt = torch.optim.Adam(b_model.parameters(), 1e-3)
     loop = _Loop(b_model, train, test, None, opt, None, None, None, kw["step"], teacher.model,
                  kw["teacher_targets"], None, Recipe(epochs=2, batch_size=16),
