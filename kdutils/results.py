@@ -44,6 +44,7 @@ def make_record(*, chapter, method, profile, device, data, recipe, params, histo
         "history": history, "wall_time_s": round(wall_time_s, 2),
         "params": {**asdict(recipe), **params},
         "model": type(deployed).__name__, "model_params": count_params(deployed),
+        "train_model": type(model).__name__,  # what was trained (and keyed), e.g. with a regressor
         "train_params": count_params(model),
         "mflops_per_image": round(flops_per_image(deployed, size) / 1e6, 2), "image_size": size,
         "teacher_key": teacher_key, "run_key": key, **(extra or {}),
