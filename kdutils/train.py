@@ -63,6 +63,11 @@ class Recipe:
         if not 0 <= self.erasing <= 1:
             raise ValueError(f"erasing must be a probability in [0, 1], got {self.erasing}")
 
+    @property
+    def augments(self) -> bool:
+        """Whether a batch differs between epochs (then a teacher must see every batch)."""
+        return self.augment or self.autoaugment or self.erasing > 0
+
     def key(self) -> dict:
         """The recipe as it enters a run's key. Fields added after the first edition of the
         book (``autoaugment``, ``erasing``) enter only when set, so earlier runs keep their
@@ -352,7 +357,7 @@ def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, meth
 
     cached = None
     if teacher_outputs is not None:
-        if recipe.augment or recipe.autoaugment or recipe.erasing:
+        if recipe.augments:
             raise ValueError("teacher_outputs were given, but the recipe augments: the teacher "
                              "must see every augmented batch, so outputs cannot be precomputed")
         n = len(data.train_y)
@@ -360,7 +365,7 @@ def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, meth
             raise ValueError(f"teacher_outputs must hold one row per training image ({n})")
         cached = {k: v.to(dev) for k, v in teacher_outputs.items()}
     elif (teacher is not None and start < recipe.epochs
-          and not (recipe.augment or recipe.autoaugment or recipe.erasing)):
+          and not recipe.augments):
         t0 = time.perf_counter()
         cached = precompute_teacher(teacher, teacher_targets, data, dev)
         extra_s += time.perf_counter() - t0
@@ -392,7 +397,9 @@ def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, meth
                 history.append(loop.epoch(epoch))
                 if not w.main:
                     continue
-                if select == "val" and history[-1]["val_acc"] >= max(h["val_acc"] for h in history):
+                # the first epoch with the best held-out accuracy (ties keep the earlier one)
+                if select == "val" and history[-1]["val_acc"] > max(
+                        (h["val_acc"] for h in history[:-1]), default=-1.0):
                     atomic_save({"key": key, "epoch": epoch + 1, "model": model.state_dict()},
                                 best_path)
                 atomic_save({"key": key, "epoch": epoch + 1, "model": model.state_dict(),
