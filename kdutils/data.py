@@ -241,23 +241,32 @@ def normalize(x_uint8: torch.Tensor, mean, std) -> torch.Tensor:
     return (x_uint8.float() / 255 - mean) / std
 
 
-def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4, *,
+                     size: int | None = None, flip: bool = True) -> torch.Tensor:
     """Batched RandomCrop(size, padding=pad) + RandomHorizontalFlip on ``(N, C, H, W)``.
 
-    Each image gets its own offset in ``[0, 2 * pad]`` on both axes (zero padding, as
-    torchvision's RandomCrop) and is flipped with probability 1/2.
+    Each image gets its own offset on both axes (zero padding, as torchvision's RandomCrop)
+    and, with ``flip``, is mirrored with probability 1/2. ``size`` is the side of the crop
+    (default: the input's, so offsets lie in ``[0, 2 * pad]``); a smaller ``size`` with
+    ``pad=0`` cuts random crops from images padded beforehand (e.g. by reflection).
     """
     n, c, h, w = x.shape
     dev = x.device
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=generator.device).to(dev)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=generator.device).to(dev)
-    flip = torch.rand(n, generator=generator, device=generator.device).to(dev) < 0.5
-    rows = dy[:, None] + torch.arange(h, device=dev)                      # (n, h)
-    cols = dx[:, None] + torch.arange(w, device=dev)                      # (n, w)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad)) if pad else x
+    size = size or h
+    if size > h + 2 * pad:
+        raise ValueError(f"crop size {size} exceeds the padded image ({h + 2 * pad} px)")
+    span = h + 2 * pad - size
+    dy = torch.randint(0, span + 1, (n,), generator=generator, device=generator.device).to(dev)
+    dx = torch.randint(0, w + 2 * pad - size + 1, (n,), generator=generator,
+                       device=generator.device).to(dev)
+    rows = dy[:, None] + torch.arange(size, device=dev)                   # (n, size)
+    cols = dx[:, None] + torch.arange(size, device=dev)                   # (n, size)
+    if flip:
+        mirror = torch.rand(n, generator=generator, device=generator.device).to(dev) < 0.5
+        cols = torch.where(mirror[:, None], cols.flip(1), cols)
     idx_n = torch.arange(n, device=dev)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]]  # (n, h, w, c)
+    out = padded.permute(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]]  # (n, s, s, c)
     return out.permute(0, 3, 1, 2)
 
 

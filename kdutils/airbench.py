@@ -1,0 +1,371 @@
+"""A strong CIFAR-10 teacher in minutes: the airbench94 recipe (chapter "A strong teacher").
+
+The book's own implementation of the recipe published by Keller Jordan in
+*cifar10-airbench* (94.0% in 9.9 epochs on the original CIFAR-10 files). Its parts:
+
+* :class:`AirbenchNet`: a frozen 2x2 whitening convolution, three conv groups
+  (conv -> max-pool -> BN -> GELU -> conv -> BN -> GELU, widths 64/256/256), BatchNorm
+  without a learnable scale, logits multiplied by 1/9.
+* :func:`whitening_weights`: the first layer's filters are the eigenvectors of the 2x2
+  patches' covariance (and their negatives), scaled by ``1/sqrt(eigenvalue)``.
+* :func:`train_airbench`: label smoothing, Nesterov SGD with learning rate and weight decay
+  per 1,024 examples (summed loss), 64x the learning rate for BN biases, warm-up over 23% of
+  the steps then linear decay, and a lookahead average of the weights every 5 steps.
+* Data: every image flipped at random once, then the whole set flipped every other epoch;
+  a random translation of up to 2 pixels (reflection padding) every epoch.
+* :func:`predict_tta`: test-time flip and 1-pixel translations.
+
+:func:`get_strong_teacher` trains it once and caches it like every other teacher.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from filelock import FileLock
+from torch import nn
+
+from . import settings
+from .checkpoint import CheckpointError, atomic_save, load_checkpoint, load_state_dict_strict
+from .data import ImageData, normalize, random_crop_flip
+from .results import make_record, write_record
+
+
+@dataclass(frozen=True)
+class AirbenchRecipe:
+    """Every value of the recipe that changes the result (the published values by default)."""
+
+    epochs: float = 9.9
+    batch_size: int = 1024
+    lr: float = 11.5                 # per 1,024 examples (the loss is summed, not averaged)
+    momentum: float = 0.85           # Nesterov
+    weight_decay: float = 0.0153     # per 1,024 examples, decoupled from the learning rate
+    bias_scaler: float = 64.0        # learning-rate multiplier of the BatchNorm biases
+    label_smoothing: float = 0.2
+    whiten_bias_epochs: int = 3      # the whitening layer's bias trains this long, then freezes
+    translate: int = 2               # pixels
+    tta_level: int = 2               # 0 none, 1 flip, 2 flip + translate
+    widths: tuple = (64, 256, 256)
+    bn_momentum: float = 0.6         # weight of the old running statistics
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.tta_level not in (0, 1, 2):
+            raise ValueError(f"tta_level must be 0, 1 or 2, got {self.tta_level}")
+
+
+class _BatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose scale stays 1 (not trained); only the bias learns."""
+
+    def __init__(self, channels: int, momentum: float):
+        super().__init__(channels, eps=1e-12, momentum=1 - momentum)
+        self.weight.requires_grad_(False)
+
+
+class _ConvGroup(nn.Module):
+    def __init__(self, cin: int, cout: int, bn_momentum: float):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding="same", bias=False)
+        self.norm1 = _BatchNorm(cout, bn_momentum)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding="same", bias=False)
+        self.norm2 = _BatchNorm(cout, bn_momentum)
+        for conv in (self.conv1, self.conv2):  # start close to the identity on the first channels
+            w = conv.weight.data
+            nn.init.dirac_(w[: w.size(1)])
+
+    def forward(self, x):
+        x = F.gelu(self.norm1(F.max_pool2d(self.conv1(x), 2)))
+        return F.gelu(self.norm2(self.conv2(x)))
+
+
+class AirbenchNet(nn.Module):
+    """The airbench94 network: 2x2 whitening conv (24 filters, frozen), three conv groups,
+    3x3 max-pool, a bias-free linear head, logits times 1/9. 1.97 M parameters, 0.24 GFLOPs
+    per 32 px image. ``forward(x, return_features=True)`` also returns the pooled 256-value
+    features."""
+
+    def __init__(self, num_classes: int = 10, widths=(64, 256, 256), bn_momentum: float = 0.6,
+                 scale: float = 1 / 9):
+        super().__init__()
+        self.whiten = nn.Conv2d(3, 24, kernel_size=2, padding=0, bias=True)
+        self.whiten.weight.requires_grad_(False)
+        chans = (24, *widths)
+        self.groups = nn.Sequential(*(_ConvGroup(a, b, bn_momentum) for a, b in zip(chans, chans[1:])))
+        self.head = nn.Linear(widths[-1], num_classes, bias=False)
+        self.scale = scale
+
+    def forward(self, x, return_features: bool = False):
+        h = self.groups(F.gelu(self.whiten(x)))
+        h = torch.flatten(F.max_pool2d(h, 3), 1)
+        logits = self.head(h) * self.scale
+        return (logits, h) if return_features else logits
+
+
+def whitening_weights(images: torch.Tensor, eps: float = 5e-4) -> torch.Tensor:
+    """The 24 filters of the whitening layer from normalised images ``(N, 3, H, W)``.
+
+    Every 2x2 patch is a 12-value vector; the eigenvectors ``v_i`` of their covariance,
+    divided by ``sqrt(lambda_i + eps)``, decorrelate the patches and give each direction unit
+    variance. The layer holds ``v_i`` and ``-v_i`` (so a GELU after it loses no sign),
+    largest eigenvalue first: shape ``(24, 3, 2, 2)``.
+    """
+    c = images.shape[1]
+    patches = images.float().unfold(2, 2, 1).unfold(3, 2, 1)           # N, C, H-1, W-1, 2, 2
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * 4)      # one row per patch
+    cov = patches.T @ patches / len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov)                  # ascending
+    eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.T.flip(0)
+    filters = (eigenvectors / torch.sqrt(eigenvalues + eps)[:, None]).reshape(-1, c, 2, 2)
+    return torch.cat([filters, -filters])
+
+
+def build_airbench(seed: int, data: ImageData, recipe: AirbenchRecipe = AirbenchRecipe(),
+                   whiten_images: int = 5000) -> AirbenchNet:
+    """A fresh network, weights from ``seed``, whitening filters from the first
+    ``whiten_images`` training images."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = AirbenchNet(len(data.classes), recipe.widths, recipe.bn_momentum)
+    net.arch = "airbench"
+    x = normalize(data.train_x[:whiten_images], data.mean, data.std)
+    net.whiten.weight.data.copy_(whitening_weights(x))
+    return net
+
+
+def lr_factor(step: int, total: int) -> float:
+    """Learning-rate multiplier: 0.2 -> 1 linearly over the first 23% of steps, then -> 0.07."""
+    warmup = int(total * 0.23)
+    if step < warmup:
+        return 0.2 + 0.8 * step / warmup
+    return 1.0 + (0.07 - 1.0) * (step - warmup) / (total - warmup)
+
+
+def _optimizer(net: nn.Module, r: AirbenchRecipe) -> torch.optim.SGD:
+    # With Nesterov momentum a constant gradient g makes steps of lr * g * (1 + 1/(1-m)):
+    # dividing by that keeps the step scale independent of the momentum.
+    per_example = 1024 * (1 + 1 / (1 - r.momentum))
+    lr = r.lr / per_example
+    wd = r.weight_decay * r.batch_size / per_example
+    lr_bias = lr * r.bias_scaler
+    trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    norm_biases = [p for n, p in trainable if "norm" in n]
+    others = [p for n, p in trainable if "norm" not in n]
+    return torch.optim.SGD([dict(params=norm_biases, lr=lr_bias, weight_decay=wd / lr_bias),
+                            dict(params=others, lr=lr, weight_decay=wd / lr)],
+                           momentum=r.momentum, nesterov=True)
+
+
+class AirbenchBatches:
+    """The training images of every epoch, normalised, flipped and translated as a whole.
+
+    Each image gets one random flip at the start (from ``seed``); the whole set is flipped
+    again every other epoch, so an image is seen both ways in every two epochs. Each epoch
+    every image is shifted by up to ``translate`` pixels (reflection padding). Order and
+    shifts follow from ``(seed, epoch)``: a resumed run sees the same batches.
+    """
+
+    def __init__(self, data: ImageData, batch_size: int, *, seed: int, translate: int,
+                 device: torch.device, channels_last: bool = False):
+        self.data, self.batch_size, self.seed, self.translate = data, batch_size, seed, translate
+        self.device, self.channels_last = device, channels_last
+        x = normalize(data.train_x.to(device), data.mean, data.std)
+        g = torch.Generator().manual_seed(seed)
+        flip = (torch.rand(len(x), generator=g) < 0.5).to(device)
+        self.x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        self.y = data.train_y.to(device)
+
+    def __len__(self) -> int:
+        return len(self.y) // self.batch_size  # the last, incomplete batch is dropped
+
+    def epoch(self, epoch: int):
+        """Yields ``(images, labels, indices)`` for ``epoch``."""
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        x = self.x.flip(-1) if epoch % 2 == 1 else self.x
+        if self.translate:
+            p = self.translate
+            x = F.pad(x, (p, p, p, p), mode="reflect")
+            x = random_crop_flip(x, g, pad=0, size=self.x.shape[-1], flip=False)
+        order = torch.randperm(len(self.y), generator=g).to(self.device)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            xb = x[idx]
+            if self.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            yield xb, self.y[idx], idx
+
+
+@torch.no_grad()
+def predict_tta(net: nn.Module, x: torch.Tensor, level: int = 2) -> torch.Tensor:
+    """Logits averaged over test-time views: ``level`` 0 the image, 1 also its mirror,
+    2 also the mirror pair of two 1-pixel diagonal shifts (reflection padding)."""
+    def mirrored(v):
+        return 0.5 * (net(v) + net(v.flip(-1))) if level >= 1 else net(v)
+    logits = mirrored(x)
+    if level < 2:
+        return logits
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = 0.5 * (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2:h + 2, 2:w + 2]))
+    return 0.5 * logits + 0.5 * shifted
+
+
+@torch.no_grad()
+def accuracy(net: nn.Module, data: ImageData, device, *, tta_level: int = 0,
+             batch_size: int = 1000, channels_last: bool = False) -> float:
+    """Test accuracy in percent, with test-time augmentation ``tta_level``."""
+    was = net.training
+    net.eval()
+    correct = 0
+    for i in range(0, len(data.test_y), batch_size):
+        x = normalize(data.test_x[i:i + batch_size].to(device), data.mean, data.std)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        pred = predict_tta(net, x, tta_level).argmax(1).cpu()
+        correct += (pred == data.test_y[i:i + batch_size]).sum().item()
+    net.train(was)
+    return 100.0 * correct / len(data.test_y)
+
+
+def _run_paths(data: ImageData, recipe: AirbenchRecipe, profile: str, ckpt_dir, results_dir):
+    from .train import run_key
+    key = run_key(chapter="teacher", method="airbench", recipe=asdict(recipe), data=data.source,
+                  train=len(data.train_y), test=len(data.test_y), model="AirbenchNet")
+    name = f"airbench-{profile}-seed{recipe.seed}-{key}"
+    return (key, settings.ckpt_dir(ckpt_dir) / "teacher" / f"{name}.pt",
+            settings.results_dir(results_dir) / "teacher" / f"{name}.json")
+
+
+def train_airbench(data: ImageData, recipe: AirbenchRecipe = AirbenchRecipe(), *,
+                   profile: str = "full", device="auto", channels_last: bool | None = None,
+                   ckpt_dir=None, results_dir=None, progress: bool = True):
+    """Train :class:`AirbenchNet` by ``recipe`` (or reload it); a checkpoint every epoch.
+
+    Returns a :class:`~kdutils.train.Run`; its record's ``test_acc`` is the accuracy with
+    test-time augmentation (``tta_level``), ``test_acc_plain`` the one without, and the
+    history holds the plain test accuracy after every epoch with the seconds it took.
+    ``channels_last`` (default: on a CUDA GPU only) changes speed, not the recipe.
+    """
+    from .train import Run, TrainingDiverged, pick_device
+    dev = pick_device(device)
+    cl = dev.type == "cuda" if channels_last is None else channels_last
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    key, ckpt, record_path = _run_paths(data, recipe, profile, ckpt_dir, results_dir)
+    t0 = time.perf_counter()
+    net = build_airbench(recipe.seed, data, recipe).to(dev, memory_format=fmt)
+    setup_s = time.perf_counter() - t0
+    batches = AirbenchBatches(data, recipe.batch_size, seed=recipe.seed,
+                              translate=recipe.translate, device=dev, channels_last=cl)
+    if len(batches) == 0:
+        raise ValueError(f"the training set has {len(data.train_y)} images, fewer than one batch "
+                         f"({recipe.batch_size}): lower batch_size")
+    total = math.ceil(len(batches) * recipe.epochs)
+    epochs = math.ceil(total / len(batches))
+    opt = _optimizer(net, recipe)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total))
+    # lookahead: every 5 steps the weights move to an average that trusts them more over time
+    decay = 0.95 ** 5 * (torch.arange(total + 1) / total) ** 3
+    average = {k: v.clone() for k, v in net.state_dict().items()}
+    history, start, step = [], 0, 0
+    if ckpt.is_file():
+        state = load_checkpoint(ckpt, map_location=dev)
+        if state.get("key") != key:
+            raise CheckpointError(f"checkpoint {ckpt} belongs to another run; delete it to start over")
+        load_state_dict_strict(net, state["model"], str(ckpt))
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        average = {k: v.to(dev) for k, v in state["average"].items()}
+        history, start, step = state["history"], state["epoch"], state["step"]
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing, reduction="sum")
+    bar = None
+    if progress and start < epochs:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, initial=step, mininterval=2, leave=False,
+                   desc=f"airbench teacher seed {recipe.seed}")
+    try:
+        for epoch in range(start, epochs):
+            t_epoch = time.perf_counter()
+            net.whiten.bias.requires_grad_(epoch < recipe.whiten_bias_epochs)
+            net.train()
+            losses = []
+            for x, y, _ in batches.epoch(epoch):
+                if step >= total:
+                    break
+                loss = loss_fn(net(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                losses.append(loss.detach() / len(y))
+                if step % 5 == 0 or step == total:
+                    _lookahead(net, average, 1.0 if step == total else decay[step].item())
+                if bar is not None:
+                    bar.update(1)
+            train_loss = torch.stack(losses).mean().item()
+            if not math.isfinite(train_loss):
+                raise TrainingDiverged(f"loss became {train_loss} in epoch {epoch + 1}")
+            acc = accuracy(net, data, dev, channels_last=cl)
+            history.append({"epoch": epoch + 1, "train_loss": train_loss, "test_acc": acc,
+                            "lr": opt.param_groups[1]["lr"], "steps": step,
+                            "seconds": time.perf_counter() - t_epoch})
+            if bar is not None:
+                bar.set_postfix(epoch=epoch + 1, acc=f"{acc:.2f}")
+            atomic_save({"key": key, "epoch": epoch + 1, "step": step, "model": net.state_dict(),
+                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                         "average": average, "history": history}, ckpt)
+    finally:
+        if bar is not None:
+            bar.close()
+    if start == epochs and record_path.is_file():
+        return Run(net.eval(), json.loads(record_path.read_text()), ckpt, record_path, start)
+    t_eval = time.perf_counter()
+    tta = accuracy(net, data, dev, tta_level=recipe.tta_level, channels_last=cl)
+    eval_s = time.perf_counter() - t_eval
+    train_s = sum(h["seconds"] for h in history)
+    record = make_record(chapter="teacher", method="airbench", profile=profile, device=dev,
+                         data=data, recipe=recipe, params={}, history=history, model=net,
+                         key=key, teacher_key=None, wall_time_s=setup_s + train_s + eval_s,
+                         extra={"test_acc_plain": history[-1]["test_acc"],
+                                "tta_eval_s": round(eval_s, 2), "setup_s": round(setup_s, 2),
+                                "steps": step, "speed": {"channels_last": cl, "amp": "off"}})
+    record["test_acc"] = tta
+    write_record(record, record_path)
+    return Run(net.eval(), record, ckpt, record_path, start)
+
+
+@torch.no_grad()
+def _lookahead(net: nn.Module, average: dict, decay: float) -> None:
+    """Move the running average towards the weights by ``1 - decay``; the weights take it."""
+    for (name, avg), value in zip(average.items(), net.state_dict().values()):
+        if value.is_floating_point():
+            avg.lerp_(value, 1 - decay)
+            value.copy_(avg)
+
+
+def get_strong_teacher(data: ImageData, recipe: AirbenchRecipe = AirbenchRecipe(), *,
+                       profile: str = "full", device="auto", ckpt_dir=None, results_dir=None,
+                       progress: bool = True, channels_last: bool | None = None):
+    """The airbench teacher for ``data``: loaded when a finished checkpoint exists, else
+    trained (a file lock makes a second process wait and then load it). Frozen on return."""
+    from .train import freeze
+    folder = settings.ckpt_dir(ckpt_dir) / "teacher"
+    folder.mkdir(parents=True, exist_ok=True)
+    from .dist import world
+    lock = nullcontext() if world().distributed else FileLock(str(folder / "airbench.lock"))
+    with lock:
+        run = train_airbench(data, recipe, profile=profile, device=device, ckpt_dir=ckpt_dir,
+                             results_dir=results_dir, progress=progress,
+                             channels_last=channels_last)
+    freeze(run.model)
+    return run
