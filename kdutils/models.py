@@ -65,11 +65,18 @@ def build(name: str, *, seed: int | None = None, num_classes: int = 10) -> nn.Mo
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-    if seed is None:
-        return MODELS[name](num_classes)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return MODELS[name](num_classes)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        net = MODELS[name](num_classes)
+    net.arch = name  # the name run records give the network ("resnet18", not "ResNet")
+    return net
+
+
+def arch_name(model: nn.Module) -> str:
+    """The book's name of a network: the name it was built by (:func:`build`), else its class
+    name in lower case."""
+    return getattr(model, "arch", type(model).__name__.lower())
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:

@@ -21,18 +21,33 @@ REQUIRED = ("chapter", "method", "profile", "device", "data_source", "seed", "ep
             "test_acc", "history", "wall_time_s", "params", "torch_version")
 
 
+def cpu_model() -> str:
+    """The CPU's model name as the operating system reports it (``AMD EPYC``), else the
+    machine type (``x86_64``)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device: torch.device) -> str:
-    """``cuda (NVIDIA L4)``, ``cpu (2 threads)``, ``mps``: the device and what it is."""
+    """``cuda (NVIDIA L4)``, ``cpu (2 threads, AMD EPYC, AVX2)``, ``mps``: the device and
+    what it is; for a CPU, its model and the vector instructions PyTorch uses on it."""
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     if device.type == "cpu":
-        return f"cpu ({torch.get_num_threads()} threads, {platform.machine()})"
+        return (f"cpu ({torch.get_num_threads()} threads, {cpu_model()}, "
+                f"{torch.backends.cpu.get_cpu_capability()})")
     return device.type
 
 
 def make_record(*, chapter, method, profile, device, data, recipe, params, history, model,
                 key, teacher_key, wall_time_s, extra: dict | None = None) -> dict:
-    from .models import count_params, flops_per_image
+    from .models import arch_name, count_params, flops_per_image
     deployed = getattr(model, "deployed", model)  # e.g. a student without its training-only regressor
     size = data.train_x.shape[-1]
     return {
@@ -43,7 +58,8 @@ def make_record(*, chapter, method, profile, device, data, recipe, params, histo
         "test_acc": history[-1]["test_acc"] if history else None,
         "history": history, "wall_time_s": round(wall_time_s, 2),
         "params": {**asdict(recipe), **params},
-        "model": type(deployed).__name__, "model_params": count_params(deployed),
+        "model": type(deployed).__name__, "arch": arch_name(deployed),
+        "model_params": count_params(deployed),
         "train_model": type(model).__name__,  # what was trained (and keyed), e.g. with a regressor
         "train_params": count_params(model),
         "mflops_per_image": round(flops_per_image(deployed, size) / 1e6, 2), "image_size": size,
@@ -60,6 +76,45 @@ def write_record(record: dict, path: str | Path) -> Path:
         raise ValueError(f"run record lacks {', '.join(missing)}")
     atomic_write_json(record, path)
     return Path(path)
+
+
+IDENTITY_FIELDS = ("chapter", "method", "profile", "data_source", "train_size", "test_size",
+                   "teacher_key", "model")
+
+
+def identity(record: dict) -> str:
+    """What makes a run the run it is, apart from its seed: chapter, method, profile, data,
+    teacher, network and every parameter but ``seed``. Runs with the same identity and
+    different seeds are repetitions of one experiment; anything else is another experiment."""
+    params = {k: v for k, v in (record.get("params") or {}).items() if k != "seed"}
+    fields = {k: record.get(k) for k in IDENTITY_FIELDS}
+    return json.dumps({**fields, "params": params}, sort_keys=True, default=str)
+
+
+def _variants(frame) -> list[str]:
+    """A short label per row naming what tells its run apart from the other runs of the same
+    chapter and method (``"fraction=0.05"``, ``"hook_weight=0.0"``), or ``""``."""
+    labels = [""] * len(frame)
+    for _, group in frame.groupby(["chapter", "method"], sort=False):
+        if group["identity"].nunique() < 2:
+            continue
+        params = [{k: v for k, v in (p or {}).items() if k != "seed"} for p in group["params"]]
+        keys = sorted({k for p in params for k in p})
+        differ = [k for k in keys if len({json.dumps(p.get(k), default=str) for p in params}) > 1]
+        other = [k for k in ("teacher_key", "train_size", "profile", "data_source")
+                 if group[k].nunique() > 1]
+        for pos, (i, p) in zip(group.index, enumerate(params)):
+            bits = [f"{k}={p.get(k)}" for k in differ]
+            bits += [f"{k}={group.loc[pos, k]}" for k in other]
+            labels[frame.index.get_loc(pos)] = ", ".join(bits)
+    return labels
+
+
+def _with_identity(frame):
+    if len(frame) and "identity" not in frame:
+        frame["identity"] = [identity(r) for r in frame.to_dict("records")]
+        frame["variant"] = _variants(frame)
+    return frame
 
 
 def load_records(results_dir=None, chapter: str | None = None):
@@ -81,20 +136,22 @@ def load_records(results_dir=None, chapter: str | None = None):
         if chapter is None or rec["chapter"] == chapter:
             rec["path"] = str(path)
             rows.append(rec)
-    return pd.DataFrame(rows)
+    return _with_identity(pd.DataFrame(rows))
 
 
 def to_frame(runs):
     """The records of ``runs`` (what :func:`kdutils.train.fit` returned) as a DataFrame,
     one row per run, with the same columns as :func:`load_records`."""
     import pandas as pd
-    return pd.DataFrame([{**r.record, "path": str(r.record_path)} for r in runs])
+    return _with_identity(pd.DataFrame([{**r.record, "path": str(r.record_path)} for r in runs]))
 
 
 def summarize(records, by=("chapter", "method")):
     """Mean and standard deviation of the final test accuracy over seeds, per method.
 
-    Returns one row per group with ``acc_mean``, ``acc_std`` (sample std, ddof=1; NaN for one
+    Only seeds of the same run are averaged: within each group of ``by``, runs whose
+    :func:`identity` differs (another loss weight, another teacher, another data size) get a
+    row of their own, named by ``variant``. Returns one row per group with ``acc_mean``, ``acc_std`` (sample std, ddof=1; NaN for one
     seed), ``seeds`` (how many), ``epochs``, ``profile``, ``device``, ``data_source`` and the
     mean ``wall_time_s``.
     """
@@ -102,14 +159,16 @@ def summarize(records, by=("chapter", "method")):
     if len(records) == 0:
         return pd.DataFrame()
     by = list(by)
-    aggregations = dict(acc_mean=("test_acc", "mean"), acc_std=("test_acc", "std"),
+    records = _with_identity(records.copy())
+    aggregations = dict(variant=("variant", "first"),
+                        acc_mean=("test_acc", "mean"), acc_std=("test_acc", "std"),
                         seeds=("seed", "nunique"), epochs=("epochs", "first"),
                         profile=("profile", "first"), device=("device", "first"),
                         data_source=("data_source", "first"), wall_time_s=("wall_time_s", "mean"),
                         model_params=("model_params", "first"))
-    out = records.groupby(by, sort=False).agg(
+    out = records.groupby(by + ["identity"], sort=False).agg(
         **{k: v for k, v in aggregations.items() if k not in by})
-    return out.reset_index()
+    return out.reset_index().drop(columns="identity")
 
 
 def format_acc(mean: float, std: float) -> str:
@@ -129,6 +188,11 @@ def paired_comparison(records, baseline: str, label: str = "method", confidence:
     import pandas as pd
     from scipy import stats
 
+    records = _with_identity(records.copy())
+    for name, group in records.groupby(label, sort=False):
+        if group["identity"].nunique() > 1 or group["seed"].duplicated().any():
+            raise ValueError(f"{label} {name!r} holds runs of different experiments "
+                             f"({', '.join(sorted(set(group['variant'])))}); compare one at a time")
     base = records[records[label] == baseline].set_index("seed")["test_acc"]
     rows = []
     for name, group in records.groupby(label, sort=False):
