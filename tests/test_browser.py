@@ -31,8 +31,9 @@ KNOWN_THEME_ERRORS = ("Identifier 'THEBE_JS_URL' has already been declared",)
 # chapter page -> (expects figures, expects maths)
 PAGES = {"01_introduction": (True, True), "02_baseline": (True, False), "03_hinton_kd": (True, True),
          "04_cosine_hidden_state": (True, True), "05_intermediate_regressor": (True, True),
-         "06_results": (True, False), "07_resnet50_to_resnet18": (True, True),
-         "08_self_distillation": (True, True), "09_pretrained_teacher": (True, True),
+         "06_when_distillation_pays": (True, True),
+         "07_results": (True, False), "08_resnet50_to_resnet18": (True, True),
+         "09_self_distillation": (True, True), "10_pretrained_teacher": (True, True),
          "api": (False, False), "bibliography": (False, False)}
 
 

@@ -78,8 +78,9 @@ def _parameters_cell(nb_path):
 
 CHAPTERS = {"01_introduction": "introduction", "02_baseline": "baseline", "03_hinton_kd": "hinton",
             "04_cosine_hidden_state": "cosine", "05_intermediate_regressor": "regressor",
-            "06_results": "results", "07_resnet50_to_resnet18": "resnet",
-            "08_self_distillation": "selfdistill", "09_pretrained_teacher": "pretrained"}
+            "06_when_distillation_pays": "pays",
+            "07_results": "results", "08_resnet50_to_resnet18": "resnet",
+            "09_self_distillation": "selfdistill", "10_pretrained_teacher": "pretrained"}
 
 
 @pytest.mark.parametrize("stem,chapter", CHAPTERS.items())
