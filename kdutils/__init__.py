@@ -4,11 +4,21 @@ One module per concern: :mod:`~kdutils.settings` (environment, paths), :mod:`~kd
 (chapter parameters, profiles, validation), :mod:`~kdutils.data` (datasets as tensors,
 batched augmentation), :mod:`~kdutils.models`, :mod:`~kdutils.losses`,
 :mod:`~kdutils.train` (the one loop), :mod:`~kdutils.checkpoint`, :mod:`~kdutils.teachers`
-(the teacher cache), :mod:`~kdutils.results` (run records, tables), :mod:`~kdutils.plots`, :mod:`~kdutils.dist` (several processes)
+(the teacher cache), :mod:`~kdutils.airbench` (the strong CIFAR-10 teacher),
+:mod:`~kdutils.regimes` (few labels, agreement, calibration), :mod:`~kdutils.results` (run records, tables), :mod:`~kdutils.plots`, :mod:`~kdutils.dist` (several processes)
 and :mod:`~kdutils.recipes` (the chapters' recipes from the command line).
 """
-from . import (checkpoint, data, dist, losses, methods, models, params, plots,  # noqa: F401
-               recipes, results, settings, teachers, train)
+import warnings as _warnings
+
+with _warnings.catch_warnings():
+    # Without ipywidgets tqdm.auto warns "IProgress not found" and falls back to text bars,
+    # which is what the book wants; imported once here, it stays quiet in every chapter.
+    from tqdm import TqdmWarning as _TqdmWarning
+    _warnings.simplefilter("ignore", _TqdmWarning)
+    import tqdm.auto  # noqa: F401
+
+from . import (airbench, checkpoint, data, dist, losses, methods, models, params,  # noqa: F401
+               plots, recipes, regimes, results, settings, teachers, train)
 from .plots import show_code  # noqa: F401
 
 __version__ = "0.1.0"

@@ -22,19 +22,19 @@ PROFILES: dict[str, dict[str, Any]] = {
     # 2 CPU cores. Its numbers mean nothing and are never published.
     "smoke": {"epochs": 1, "teacher_epochs": 1, "max_seeds": 2,
               "train_size": 2000, "test_size": 1000},
-    # Part II only (see PART2_PROFILES): a short one-cycle recipe for a GPU, and a reduced but
+    # Part II only (see CHAPTER_PROFILES): a short one-cycle recipe for a GPU, and a reduced but
     # real training for a machine without one.
     "fast": {},
     "cpu": {"max_seeds": 1, "train_size": 5000, "test_size": 1000},
 }
 PART_ONE_PROFILES = ("full", "smoke")
 
-# What each Part II profile sets, per chapter (a profile's values replace the parameters').
+# What a profile sets in a given chapter, beyond PROFILES (its values replace the parameters').
 _FAST = {"epochs": 30, "teacher_epochs": 30, "batch_size": 256, "lr": 0.2, "schedule": "onecycle"}
 _CPU = {"epochs": 3, "teacher_epochs": 4, "batch_size": 64, "lr": 0.05, "schedule": "onecycle"}
 _SMOKE2 = {"batch_size": 64, "lr": 0.05, "schedule": "onecycle", "max_seeds": 1,
            "train_size": 320, "test_size": 200}
-PART2_PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+CHAPTER_PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "resnet": {"fast": _FAST, "cpu": _CPU, "smoke": _SMOKE2},
     "selfdistill": {"fast": _FAST, "cpu": {**_CPU, "autoaugment": False, "erasing": 0.0,
                                            "val_size": 500},
@@ -44,6 +44,7 @@ PART2_PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                                        "image_size": 32},
                    "smoke": {"dataset": "cifar10", "image_size": 32, "max_seeds": 1, "train_size": 320,
                              "test_size": 200}},
+    "pays": {"smoke": {"few_label_epochs": 1, "fractions": [0.05, 1.0]}},
 }
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -121,6 +122,15 @@ def seeds(v):
     return list(v)
 
 
+def fractions(v):
+    allowed = "a non-empty list of numbers in (0, 1]"
+    if not isinstance(v, (list, tuple)) or not all(_is_number(f) for f in v):
+        raise TypeError(allowed)
+    if not v or any(not 0 < f <= 1 for f in v):
+        raise ValueError(allowed)
+    return [float(f) for f in v]
+
+
 def optional_path(v):
     if v is not None and not isinstance(v, str):
         raise TypeError("a folder path (str) or None")
@@ -191,6 +201,8 @@ SCHEMAS: dict[str, dict[str, Callable]] = {
     "pretrained": {**PART2, "dataset": choice("cifar10", "stl10", "imagenette"),
                    "teacher_weights": choice("imagenet", "none"), "image_size": positive_int,
                    "T": positive_float, "alpha": probability, "feature_weight": probability},
+    "pays": {**COMMON, "teacher_epochs": positive_float, "T": positive_float,
+             "alpha": probability, "fractions": fractions, "few_label_epochs": positive_int},
     "results": {"results_dir": optional_path},
     "speed": {**COMMON, "student": choice(*MODELS)},
     "scaleout": {"profile": COMMON["profile"], "dataset": COMMON["dataset"], "epochs": positive_int,
@@ -225,6 +237,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                    "epochs": 10, "teacher_epochs": 5, "batch_size": 64, "lr": 1e-3,
                    "schedule": "constant", "seeds": [0], "T": 2.0, "alpha": 0.7,
                    "feature_weight": 0.3},
+    # When distillation pays: the airbench teacher (9.9 epochs), then R5's student recipe with
+    # chapter 3's T and alpha, five seeds; the few-label runs take 3 epochs' worth of steps.
+    "pays": {**{k: v for k, v in _R5.items() if k != "teacher"}, "seeds": [0, 1, 2, 3, 4], "teacher_epochs": 9.9, "T": 5.0, "alpha": 0.5,
+             "fractions": [0.01, 0.05, 0.2, 1.0], "few_label_epochs": 3},
     "results": {"results_dir": None},
     # Appendix "Making it fast": R5's student recipe, fp32 NCHW against the fast settings.
     "speed": {**_R5, "student": "lightnn"},
@@ -276,7 +292,7 @@ def check(chapter: str, **values: Any) -> Params:
 def _apply_profile(p: Params, chapter: str) -> Params:
     if "profile" not in p:  # a chapter that trains nothing (the results chapter)
         return p
-    prof = {**PROFILES[p.profile], **PART2_PROFILES.get(chapter, {}).get(p.profile, {})}
+    prof = {**PROFILES[p.profile], **CHAPTER_PROFILES.get(chapter, {}).get(p.profile, {})}
     for name in ("train_size", "test_size"):  # None: the whole split
         if name in prof or name not in p:  # a chapter may also take them as parameters
             p[name] = prof.get(name)

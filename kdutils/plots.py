@@ -85,3 +85,65 @@ def glue(name: str, value, display: bool = False):
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):
         value = value.item()  # numpy / torch scalars: glue formats plain Python numbers only
     _glue(name, value, display=display)
+
+
+def accuracy_vs_time(runs: dict, ax=None, title=None):
+    """Test accuracy after every epoch against the cumulative training minutes, one line per
+    teacher: ``runs`` maps a label to a run record (its ``history`` has ``seconds``)."""
+    ax = ax or plt.subplots(figsize=(6, 3.6))[1]
+    for label, record in runs.items():
+        minutes, acc = [], []
+        elapsed = 0.0
+        for row in record["history"]:
+            elapsed += row["seconds"]
+            minutes.append(elapsed / 60)
+            acc.append(row["test_acc"])
+        line, = ax.plot(minutes, acc, marker="o", ms=3, label=label)
+        if record.get("test_acc") != acc[-1]:  # e.g. the final accuracy with test-time augmentation
+            ax.scatter([minutes[-1]], [record["test_acc"]], marker="*", s=90, color=line.get_color(),
+                       zorder=4, label=f"{label}, final (test-time augmentation)")
+    return _finish(ax, "training time (minutes)", "test accuracy (%)", title, "lower right")
+
+
+def label_fractions(table, ax=None, title=None):
+    """Mean accuracy against the fraction of labelled images (log scale), one line per arm,
+    from :func:`kdutils.regimes.fraction_table`; bars show the spread (std) over seeds."""
+    ax = ax or plt.subplots(figsize=(6, 3.8))[1]
+    names = {"ce": "cross-entropy on the labelled images",
+             "kd": "KD on the labelled images",
+             "kd_unlabelled": "KD on all images, labels on the fraction"}
+    for i, (method, group) in enumerate(table.groupby("method", sort=False)):
+        group = group.sort_values("fraction")
+        ax.errorbar(group["fraction"] * 100, group["acc_mean"], yerr=group["acc_std"].fillna(0),
+                    marker="os^"[i % 3], ms=5, capsize=3, color=f"C{i}",
+                    label=names.get(method, method))
+    ax.set_xscale("log")
+    ticks = sorted(set(table["fraction"] * 100))
+    ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
+    ax.minorticks_off()
+    return _finish(ax, "labelled training images", "test accuracy (%)", title, "lower right")
+
+
+def reliability(curves: dict, ax=None, title=None):
+    """Reliability diagram: accuracy against confidence per bin, one line per model;
+    ``curves`` maps a label to :func:`kdutils.regimes.calibration`'s result."""
+    ax = ax or plt.subplots(figsize=(4.4, 4.2))[1]
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="perfectly calibrated")
+    for i, (label, c) in enumerate(curves.items()):
+        pts = [(x, y) for x, y, n in zip(c["confidence"], c["accuracy"], c["count"]) if n > 0]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=f"C{i}",
+                label=f"{label} (ECE {c['ece']:.1f}%)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    return _finish(ax, "confidence (top-1 probability)", "accuracy", title, "upper left")
+
+
+def _finish(ax, xlabel: str, ylabel: str, title, legend_loc: str):
+    """Axis labels, a light grid, a small legend and the title shared by the figures above."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc=legend_loc)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax

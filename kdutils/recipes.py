@@ -50,7 +50,7 @@ def part_one(name: str, P) -> list:
 
 
 def resnet_kd(P) -> list:
-    """Chapter 7: the ResNet50 teacher, then ResNet18 with cross-entropy and with KD."""
+    """Chapter 8: the ResNet50 teacher, then ResNet18 with cross-entropy and with KD."""
     data = _load(P)
     teacher = teachers.get_teacher("resnet50", data, teachers.sgd_recipe(P, epochs=P.teacher_epochs),
                                    speed=teachers.speed(P), **_kw(P))
@@ -61,7 +61,7 @@ def resnet_kd(P) -> list:
 
 
 def selfdistill(P) -> list:
-    """Chapter 8's main result: the four-exit ResNet18 and the plain one, same recipe."""
+    """Chapter 9's main result: the four-exit ResNet18 and the plain one, same recipe."""
     data = _load(P)
     weights = {"T": P.T, "kd_weight": P.kd_weight, "feature_weight": P.feature_weight,
                "detach_teacher": P.detach_teacher}
@@ -73,7 +73,7 @@ def selfdistill(P) -> list:
 
 
 def pretrained(P) -> list:
-    """Chapter 9: the pretrained (or fallback) teacher and the three small-CNN students."""
+    """Chapter 10: the pretrained (or fallback) teacher and the three small-CNN students."""
     from functools import partial
 
     from .train import Recipe

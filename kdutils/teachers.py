@@ -71,7 +71,7 @@ def get_teacher(name: str, data, recipe: Recipe, *, profile: str = "full", devic
 
 
 def pretrained_teacher(P, data) -> tuple[Run, str]:
-    """R4's teacher for chapter 9: ``(run, how)``.
+    """R4's teacher for chapter 10: ``(run, how)``.
 
     With ``P.teacher_weights == "imagenet"``: torchvision's ImageNet ResNet18, backbone frozen,
     a new head trained ``P.teacher_epochs`` epochs (SGD 1e-3, momentum 0.9, as R4). When the

@@ -1,0 +1,224 @@
+"""When distillation pays: few labels, soft targets on unlabelled images, and what a
+distilled student shares with its teacher beyond accuracy (chapter "When does distillation pay?").
+
+* :func:`label_subset` picks the labelled images of a run (a seeded, class-balanced draw);
+  :func:`repeat_to` repeats them into a training set of fixed size, so that every run of a
+  comparison takes the same number of optimiser steps whatever its number of labels.
+* :func:`kd_unlabelled_step` is Hinton's loss when only some images have a label: the soft
+  term on every image, cross-entropy on the labelled ones.
+* :func:`few_label_runs` trains cross-entropy, KD on the same images, and KD with the
+  teacher's soft targets on all training images, for each label fraction and seed.
+* :func:`teacher_agreement` and :func:`calibration` measure a student against its teacher:
+  top-1 agreement, KL divergence, expected calibration error and the reliability curve.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import settings
+from .checkpoint import atomic_save, load_checkpoint
+from .data import ImageData, TensorLoader
+from .losses import ce_loss, soft_target_loss
+from .methods import ce_step, kd_step, kd_targets
+from .models import build
+from .train import (Recipe, Run, fit, is_finished, pick_device, precompute_teacher, run_key,
+                    run_paths)
+
+ARMS = ("ce", "kd", "kd_unlabelled")
+
+
+def label_subset(labels: torch.Tensor, fraction: float, seed: int,
+                 num_classes: int = 10) -> torch.Tensor:
+    """Sorted indices of ``fraction`` of the images, the same number from every class,
+    drawn at random from ``seed`` (at least one image per class)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return torch.arange(len(labels))
+    g = torch.Generator().manual_seed(10_007 + seed)
+    per_class = max(1, round(fraction * len(labels) / num_classes))
+    keep = []
+    for c in range(num_classes):
+        members = torch.nonzero(labels == c).flatten()
+        keep.append(members[torch.randperm(len(members), generator=g)[:per_class]])
+    return torch.cat(keep).sort().values
+
+
+def repeat_to(data: ImageData, idx: torch.Tensor, size: int) -> tuple[ImageData, torch.Tensor]:
+    """A training set of ``size`` images made of the images ``idx``, repeated in turn (the
+    test set is unchanged), and ``rows``: which original image each of its images is. One
+    epoch over it visits every chosen image about ``size / len(idx)`` times."""
+    rows = idx.repeat(-(-size // len(idx)))[:size]
+    return (ImageData(data.train_x[rows], data.train_y[rows], data.test_x, data.test_y,
+                      data.classes, data.source, data.mean, data.std, data.folder), rows)
+
+
+def kd_unlabelled_step(model, x, y, t, *, T=5.0, alpha=0.5):
+    """``alpha * T^2 * KL(p^T || q^T)`` on every image + ``(1 - alpha) * CE`` on the images
+    whose ``t["labelled"]`` is True (a batch without any contributes no cross-entropy)."""
+    s = model(x)
+    soft = soft_target_loss(s, t["logits"], T)
+    has = t["labelled"]
+    hard = ce_loss(s[has], y[has]) if bool(has.any()) else s.sum() * 0.0
+    return alpha * soft + (1 - alpha) * hard
+
+
+def train_logits(teacher: Run, data: ImageData, device="auto", ckpt_dir=None) -> torch.Tensor:
+    """The frozen teacher's logits for every training image, in dataset order (no
+    augmentation: exact for every epoch of an unaugmented recipe). Computed once per teacher
+    and training set, then kept beside the teacher's checkpoint (``*.logits.pt``)."""
+    dev = pick_device(device)
+    key = run_key(teacher=teacher.record["run_key"], data=data.source, n=len(data.train_y),
+                  labels=int(data.train_y.sum()))
+    path = settings.ckpt_dir(ckpt_dir) / "teacher" / f"{teacher.record['run_key']}-{key}.logits.pt"
+    if path.is_file():
+        return load_checkpoint(path, map_location=dev)["logits"]
+    logits = precompute_teacher(teacher.model.to(dev).eval(), kd_targets, data, dev)["logits"]
+    atomic_save({"logits": logits.cpu()}, path)
+    return logits
+
+
+@torch.no_grad()
+def test_logits(net: nn.Module, data: ImageData, device, batch_size: int = 1000) -> torch.Tensor:
+    """``net``'s logits for every test image, in order, on the CPU (eval mode, restored after)."""
+    was = net.training
+    net.eval()
+    loader = TensorLoader(data.test_x, data.test_y, batch_size, shuffle=False, mean=data.mean,
+                          std=data.std, device=device)
+    out = torch.cat([net(x).float().cpu() for x, _, _ in loader])
+    net.train(was)
+    return out
+
+
+def few_label_runs(data: ImageData, teacher: Run, *, fractions, seeds, epochs: int,
+                   batch_size: int = 128, lr: float = 1e-3, T: float = 5.0, alpha: float = 0.5,
+                   arms=ARMS, logits: torch.Tensor | None = None, profile: str = "full",
+                   device="auto", ckpt_dir=None, results_dir=None,
+                   progress: bool = True) -> list[Run]:
+    """For every label ``fraction`` and seed, LightNN trained by each of ``arms``:
+
+    * ``ce``: cross-entropy on the labelled images;
+    * ``kd``: Hinton's loss on the same images (the teacher's soft targets and the labels);
+    * ``kd_unlabelled``: the soft targets on *all* training images, labels only where they
+      exist (at fraction 1 it is ``kd`` and is skipped).
+
+    Every run takes ``epochs`` passes over a training set as large as the full one
+    (:func:`repeat_to`), so all runs make the same number of optimiser steps. The labelled
+    images of a seed are the same in every arm (paired); the teacher's logits are computed
+    once for the whole training set (or taken from ``logits``, the result of
+    :func:`train_logits`) and shared. Records carry ``fraction`` and ``labelled``.
+    """
+    for a in arms:
+        if a not in ARMS:
+            raise ValueError(f"unknown arm {a!r}; known: {', '.join(ARMS)}")
+    n = len(data.train_y)
+
+    def teacher_logits():
+        nonlocal logits
+        if logits is None:
+            logits = train_logits(teacher, data, device, ckpt_dir)
+        return logits
+
+    common = dict(profile=profile, device=device, ckpt_dir=ckpt_dir, results_dir=results_dir,
+                  progress=progress, chapter="pays")
+    runs = []
+    for fraction in fractions:
+        for seed in seeds:
+            idx = label_subset(data.train_y, fraction, seed, len(data.classes))
+            recipe = Recipe(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+            labelled, rows = repeat_to(data, idx, n)
+            for arm in arms:
+                if arm == "kd_unlabelled" and fraction == 1:
+                    continue
+                params = {"fraction": fraction, "labelled": len(idx)}
+                kw = {}
+                train_data = labelled
+                if arm == "ce":
+                    step = ce_step
+                else:
+                    params.update(T=T, alpha=alpha)
+                    kw = dict(teacher=teacher.model, teacher_targets=kd_targets,
+                              teacher_key=teacher.record["run_key"])
+                    if arm == "kd":
+                        step = _partial(kd_step, T=T, alpha=alpha)
+                    else:
+                        step = _partial(kd_unlabelled_step, T=T, alpha=alpha)
+                        train_data = data
+                model = build("lightnn", seed=seed)
+                _, ckpt, _ = run_paths(model, train_data, recipe, method=arm, params=params,
+                                       teacher_key=kw.get("teacher_key"), chapter="pays",
+                                       profile=profile, ckpt_dir=ckpt_dir)
+                if kw and not is_finished(ckpt, epochs):
+                    t_all = teacher_logits()
+                    if arm == "kd":
+                        kw["teacher_outputs"] = {"logits": t_all[rows]}
+                    else:
+                        mask = torch.zeros(n, dtype=torch.bool, device=t_all.device)
+                        mask[idx.to(t_all.device)] = True
+                        kw["teacher_outputs"] = {"logits": t_all, "labelled": mask}
+                runs.append(fit(model, train_data, recipe, method=arm, step=step, params=params,
+                                **common, **kw))
+    return runs
+
+
+def _partial(step, **weights):
+    from functools import partial
+    return partial(step, **weights)
+
+
+def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> float:
+    """Mean ``KL(p || q)`` at temperature 1 of the teacher's predictions ``p`` from the
+    student's ``q``, in nats."""
+    return F.kl_div(F.log_softmax(student_logits, 1), F.log_softmax(teacher_logits, 1),
+                    reduction="batchmean", log_target=True).item()
+
+
+def calibration(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> dict:
+    """Expected calibration error (percent) over ``bins`` equal-width confidence bins, and
+    the reliability curve: per bin, mean confidence, accuracy and number of images."""
+    probs = logits.float().softmax(1)
+    conf, pred = probs.max(1)
+    correct = (pred == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    which = torch.bucketize(conf, edges[1:-1], right=True)   # bin i holds (edges[i], edges[i+1]]
+    count = torch.bincount(which, minlength=bins).float()
+    conf_sum = torch.bincount(which, weights=conf, minlength=bins)
+    acc_sum = torch.bincount(which, weights=correct, minlength=bins)
+    nonempty = count > 0
+    mean_conf = torch.where(nonempty, conf_sum / count.clamp_min(1), torch.nan)
+    mean_acc = torch.where(nonempty, acc_sum / count.clamp_min(1), torch.nan)
+    ece = ((conf_sum - acc_sum).abs().sum() / len(labels)).item() * 100
+    return {"ece": ece, "confidence": mean_conf.tolist(), "accuracy": mean_acc.tolist(),
+            "count": count.long().tolist(), "edges": edges.tolist()}
+
+
+def teacher_agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      labels: torch.Tensor) -> dict:
+    """Accuracy, top-1 agreement with the teacher (percent), KL to the teacher (nats) and
+    expected calibration error (percent) of a student's test logits."""
+    return {"acc": (student_logits.argmax(1) == labels).float().mean().item() * 100,
+            "agreement": (student_logits.argmax(1) == teacher_logits.argmax(1)).float().mean().item() * 100,
+            "kl_to_teacher": kl_to_teacher(student_logits, teacher_logits),
+            "ece": calibration(student_logits, labels)["ece"]}
+
+
+def fraction_table(records, confidence: float = 0.95):
+    """Per label fraction and arm: seeds, mean accuracy, the paired difference to ``ce`` with
+    its ``confidence`` interval, and the CPU minutes of all its runs. ``records`` come from
+    :func:`few_label_runs` (via :func:`kdutils.results.to_frame`)."""
+    import pandas as pd
+    from .results import paired_comparison
+    records = records.assign(fraction=records["params"].map(lambda p: p["fraction"]))
+    parts = []
+    for fraction, group in records.groupby("fraction"):
+        table = paired_comparison(group, baseline="ce", confidence=confidence)
+        minutes = group.groupby("method")["wall_time_s"].sum() / 60
+        table["cpu_min"] = table["method"].map(minutes)
+        parts.append(table.assign(fraction=fraction,
+                                  labelled=int(group["params"].iloc[0]["labelled"])))
+    cols = ["fraction", "labelled", "method", "seeds", "acc_mean", "acc_std", "diff_mean",
+            "ci_low", "ci_high", "significant", "cpu_min"]
+    out = pd.concat(parts, ignore_index=True)
+    return out[[c for c in cols if c in out]]

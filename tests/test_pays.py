@@ -1,0 +1,356 @@
+"""The strong teacher (kdutils.airbench) and the regimes of chapter 6 (kdutils.regimes)."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kdutils as kd
+from kdutils import airbench, regimes
+from kdutils.data import ImageData
+
+
+def _tiny(n_train=96, n_test=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n_train + n_test) % 10
+    x = torch.randint(0, 256, (n_train + n_test, 3, 32, 32), dtype=torch.uint8, generator=g)
+    x[:, 0] = (y * 25).to(torch.uint8).view(-1, 1, 1)  # a learnable signal
+    return ImageData(x[:n_train], y[:n_train], x[n_train:], y[n_train:], kd.data.CIFAR10_CLASSES,
+                     "synthetic")
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    return dict(ckpt_dir=str(tmp_path / "ck"), results_dir=str(tmp_path / "res"), progress=False)
+
+
+# ---- the airbench network and recipe --------------------------------------------------------
+
+def test_whitening_layer_decorrelates_patches_to_unit_variance():
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(3, 3, generator=g)
+    x = torch.einsum("dc,nchw->ndhw", mix, torch.randn(400, 3, 16, 16, generator=g))
+    x = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), 3, stride=1)  # correlated neighbours
+    w = airbench.whitening_weights(x, eps=0.0)
+    assert w.shape == (24, 3, 2, 2)
+    assert torch.allclose(w[12:], -w[:12])
+    out = F.conv2d(x, w[:12]).permute(1, 0, 2, 3).reshape(12, -1)
+    cov = out @ out.T / out.shape[1]
+    assert torch.allclose(cov, torch.eye(12), atol=2e-3)
+
+
+def test_network_freezes_the_whitening_weights_and_the_batchnorm_scales():
+    net = airbench.AirbenchNet()
+    frozen = {n for n, p in net.named_parameters() if not p.requires_grad}
+    assert "whiten.weight" in frozen
+    assert {n for n in frozen if "norm" in n} == {n for n, _ in net.named_parameters()
+                                                   if "norm" in n and n.endswith("weight")}
+    assert kd.models.count_params(net) == 1_972_792
+    logits, h = net(torch.randn(2, 3, 32, 32), return_features=True)
+    assert logits.shape == (2, 10) and h.shape == (2, 256)
+    assert torch.allclose(logits, net.head(h) / 9)
+
+
+def test_learning_rate_warms_up_over_23_percent_then_decays_to_7_percent():
+    total = 100
+    f = [airbench.lr_factor(s, total) for s in range(total + 1)]
+    assert f[0] == pytest.approx(0.2) and f[23] == pytest.approx(1.0)
+    assert f[total] == pytest.approx(0.07)
+    assert all(a < b for a, b in zip(f[:23], f[1:24])) and all(a > b for a, b in zip(f[23:], f[24:]))
+
+
+def test_optimizer_gives_batchnorm_biases_64_times_the_rate_and_skips_frozen_weights():
+    net = airbench.AirbenchNet()
+    r = airbench.AirbenchRecipe()
+    opt = airbench._optimizer(net, r)
+    biases, others = opt.param_groups
+    assert biases["lr"] == pytest.approx(64 * others["lr"])
+    assert others["lr"] == pytest.approx(11.5 / (1024 * (1 + 1 / 0.15)))
+    # weight decay per 1,024 examples, decoupled: lr * wd is the same in both groups
+    assert biases["lr"] * biases["weight_decay"] == pytest.approx(others["lr"] * others["weight_decay"])
+    ids = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert id(net.whiten.weight) not in ids and id(net.whiten.bias) in ids
+    assert opt.defaults["nesterov"] is True
+
+
+def test_batches_flip_the_whole_set_every_other_epoch_and_follow_seed_and_epoch():
+    data = _tiny()
+    b = airbench.AirbenchBatches(data, 32, seed=3, translate=0, device=torch.device("cpu"))
+
+    def by_index(epoch):
+        out = torch.empty_like(b.x)
+        for x, _, idx in b.epoch(epoch):
+            out[idx] = x
+        return out
+    e0, e1 = by_index(0), by_index(1)
+    assert torch.equal(e1, e0.flip(-1)) and torch.equal(by_index(2), e0)
+    first = [idx for _, _, idx in b.epoch(5)]
+    assert all(torch.equal(a, c) for a, c in zip(first, [idx for _, _, idx in b.epoch(5)]))
+    assert not torch.equal(first[0], next(iter(b.epoch(6)))[2])
+    shifted = airbench.AirbenchBatches(data, 32, seed=3, translate=2, device=torch.device("cpu"))
+    x, _, idx = next(iter(shifted.epoch(0)))
+    # a translated image equals the un-translated one moved by at most 2 pixels
+    padded = F.pad(b.x[idx], (2, 2, 2, 2), mode="reflect")
+    for i in range(4):
+        assert any(torch.equal(x[i], padded[i, :, dy:dy + 32, dx:dx + 32])
+                   for dy in range(5) for dx in range(5))
+
+
+def test_test_time_augmentation_averages_mirror_and_shifted_views():
+    net = airbench.AirbenchNet().eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(airbench.predict_tta(net, x, 0), net(x))
+        mirror = 0.5 * (net(x) + net(x.flip(-1)))
+        assert torch.allclose(airbench.predict_tta(net, x, 1), mirror, atol=1e-6)
+        p = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        views = [p[..., :32, :32], p[..., 2:, 2:]]
+        shifted = sum(0.5 * (net(v) + net(v.flip(-1))) for v in views) / 2
+        assert torch.allclose(airbench.predict_tta(net, x, 2), 0.5 * mirror + 0.5 * shifted, atol=1e-6)
+
+
+def test_strong_teacher_learns_resumes_bitwise_and_is_then_only_loaded(dirs, monkeypatch):
+    data = _tiny(160, 40)
+    r = airbench.AirbenchRecipe(epochs=3, batch_size=32, seed=1)
+    whole = airbench.train_airbench(data, r, profile="t", **dirs)
+    assert whole.record["method"] == "airbench" and whole.record["steps"] == 15
+    assert whole.record["test_acc"] > 30  # the synthetic signal is learnable
+    # a second run, interrupted after its first epoch, then resumed
+    other = {**dirs, "ckpt_dir": dirs["ckpt_dir"] + "2", "results_dir": dirs["results_dir"] + "2"}
+    calls = {"n": 0}
+    real = airbench.accuracy
+
+    def stop_after_first_epoch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(airbench, "accuracy", stop_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        airbench.train_airbench(data, r, profile="t", **other)
+    monkeypatch.setattr(airbench, "accuracy", real)
+    resumed = airbench.train_airbench(data, r, profile="t", **other)
+    assert resumed.resumed_from_epoch == 1
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    again = airbench.get_strong_teacher(data, r, profile="t", **dirs)
+    assert again.resumed_from_epoch == 3
+    assert again.record == json.loads(json.dumps(whole.record))  # the record as written
+    assert not any(p.requires_grad for p in again.model.parameters())
+
+
+def test_too_few_images_for_one_batch_is_refused(dirs):
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        airbench.train_airbench(_tiny(50), airbench.AirbenchRecipe(epochs=1), **dirs)
+
+
+# ---- few labels ------------------------------------------------------------------------------
+
+def test_label_subset_is_class_balanced_seeded_and_differs_between_seeds():
+    y = torch.arange(1000) % 10
+    a, b = regimes.label_subset(y, 0.05, seed=0), regimes.label_subset(y, 0.05, seed=0)
+    assert torch.equal(a, b) and len(a) == 50
+    assert torch.bincount(y[a], minlength=10).tolist() == [5] * 10
+    assert not torch.equal(a, regimes.label_subset(y, 0.05, seed=1))
+    assert torch.equal(regimes.label_subset(y, 1.0, seed=3), torch.arange(1000))
+    assert len(regimes.label_subset(y, 0.001, seed=0)) == 10  # at least one per class
+    with pytest.raises(ValueError, match="fraction must be in"):
+        regimes.label_subset(y, 0.0, seed=0)
+
+
+def test_repeat_to_fills_a_set_of_the_requested_size_with_the_chosen_images():
+    data = _tiny(100)
+    idx = torch.tensor([3, 7, 11])
+    rep, rows = regimes.repeat_to(data, idx, 100)
+    assert len(rep.train_y) == 100 and torch.equal(rows[:6], torch.tensor([3, 7, 11, 3, 7, 11]))
+    assert torch.equal(rep.train_x, data.train_x[rows]) and torch.equal(rep.test_x, data.test_x)
+    assert torch.bincount(rows, minlength=12)[[3, 7, 11]].tolist() == [34, 33, 33]
+
+
+def test_unlabelled_step_is_hinton_kd_with_labels_only_where_they_exist():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(5, 10)
+    x, y, t = torch.randn(8, 5), torch.randint(0, 10, (8,)), torch.randn(8, 10)
+    every = torch.ones(8, dtype=torch.bool)
+    full = regimes.kd_unlabelled_step(net, x, y, {"logits": t, "labelled": every}, T=3.0, alpha=0.4)
+    assert full.item() == pytest.approx(kd.losses.kd_loss(net(x), t, y, T=3.0, alpha=0.4).item(), rel=1e-6)
+    some = every.clone()
+    some[::2] = False
+    s = net(x)
+    expected = 0.4 * kd.losses.soft_target_loss(s, t, 3.0) + 0.6 * F.cross_entropy(s[some], y[some])
+    got = regimes.kd_unlabelled_step(net, x, y, {"logits": t, "labelled": some}, T=3.0, alpha=0.4)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    none = regimes.kd_unlabelled_step(net, x, y, {"logits": t, "labelled": ~every}, T=3.0, alpha=0.4)
+    assert none.item() == pytest.approx(0.4 * kd.losses.soft_target_loss(s, t, 3.0).item(), rel=1e-6)
+    # the labels of unlabelled images do not matter
+    y2 = y.clone()
+    y2[~some] = (y2[~some] + 1) % 10
+    again = regimes.kd_unlabelled_step(net, x, y2, {"logits": t, "labelled": some}, T=3.0, alpha=0.4)
+    assert again.item() == got.item()
+
+
+def test_few_label_runs_train_every_arm_with_the_same_steps_and_record_the_fraction(dirs):
+    data = _tiny(100)
+    teacher = kd.teachers.get_teacher("lightnn", data, kd.train.Recipe(epochs=1, batch_size=50),
+                                      profile="t", **dirs)
+    runs = regimes.few_label_runs(data, teacher, fractions=[0.2, 1.0], seeds=[0], epochs=1,
+                                  batch_size=20, profile="t", **dirs)
+    got = [(r.record["method"], r.record["params"]["fraction"], r.record["params"]["labelled"])
+           for r in runs]
+    assert got == [("ce", 0.2, 20), ("kd", 0.2, 20), ("kd_unlabelled", 0.2, 20),
+                   ("ce", 1.0, 100), ("kd", 1.0, 100)]
+    assert {r.record["train_size"] for r in runs} == {100}
+    assert {len(r.record["history"]) for r in runs} == {1}
+    assert len({r.record["run_key"] for r in runs}) == 5
+    logits_file = list((kd.settings.ckpt_dir(dirs["ckpt_dir"]) / "teacher").glob("*.logits.pt"))
+    assert len(logits_file) == 1
+    table = regimes.fraction_table(kd.results.to_frame(runs))
+    assert list(table.method) == ["ce", "kd", "kd_unlabelled", "ce", "kd"]
+    again = regimes.few_label_runs(data, teacher, fractions=[0.2], seeds=[0], epochs=1,
+                                   batch_size=20, arms=("kd_unlabelled",), profile="t", **dirs)
+    assert again[0].record == runs[2].record  # a finished run is only reloaded
+
+
+# ---- beyond accuracy -------------------------------------------------------------------------
+
+def test_calibration_error_of_overconfident_and_of_calibrated_predictions():
+    labels = torch.arange(100) % 10
+    sure = torch.full((100, 10), -30.0)
+    sure[torch.arange(100), labels] = 30.0
+    wrong_half = sure.clone()
+    wrong_half[:50] = wrong_half[:50].roll(1, dims=1)   # confident and wrong on half the images
+    assert regimes.calibration(sure, labels)["ece"] == pytest.approx(0.0, abs=1e-4)
+    c = regimes.calibration(wrong_half, labels)
+    assert c["ece"] == pytest.approx(50.0, abs=1e-3)
+    assert c["count"][-1] == 100 and sum(c["count"]) == 100
+    # confidence 0.6 everywhere, right on 60% of the images: calibrated
+    p = torch.full((100, 10), 0.4 / 9)
+    right = torch.arange(100) < 60
+    pred = torch.where(right, labels, (labels + 1) % 10)
+    p[torch.arange(100), pred] = 0.6
+    assert regimes.calibration(p.log(), labels)["ece"] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_agreement_and_kl_with_the_teacher():
+    labels = torch.arange(20) % 10
+    t = torch.randn(20, 10, generator=torch.Generator().manual_seed(0))
+    same = regimes.teacher_agreement(t, t, labels)
+    assert same["agreement"] == 100.0 and same["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
+    flipped = regimes.teacher_agreement(-t, t, labels)
+    assert flipped["agreement"] == 0.0 and flipped["kl_to_teacher"] > 0.5
+    assert regimes.kl_to_teacher(t + 2.0, t) == pytest.approx(0.0, abs=1e-5)
+
+
+# ---- summaries never average different runs as seeds ----------------------------------------
+
+def test_runs_that_differ_only_in_a_weight_are_not_averaged_as_seeds(dirs):
+    data = _tiny(100)
+    teacher = kd.teachers.get_teacher("lightnn", data, kd.train.Recipe(epochs=1, batch_size=50),
+                                      profile="t", **dirs)
+    a = kd.methods.run_method("kd", data, seeds=[0, 1], epochs=1, batch_size=20, teacher=teacher,
+                              profile="t", T=2.0, **dirs)
+    b = kd.methods.run_method("kd", data, seeds=[0], epochs=1, batch_size=20, teacher=teacher,
+                              profile="t", T=4.0, **dirs)
+    records = kd.results.load_records(dirs["results_dir"], chapter="hinton")
+    table = kd.results.summarize(records).set_index("variant")
+    assert list(table["seeds"].sort_index()) == [2, 1]
+    assert set(table.index) == {"T=2.0", "T=4.0"}
+    assert table.loc["T=4.0", "acc_mean"] == b[0].test_acc
+    assert table.loc["T=2.0", "acc_mean"] == pytest.approx((a[0].test_acc + a[1].test_acc) / 2)
+    with pytest.raises(ValueError, match="holds runs of different experiments.*T=2.0, T=4.0"):
+        kd.results.paired_comparison(records, baseline="kd")
+
+
+def test_records_name_the_architecture_that_trained(dirs):
+    data = _tiny(64)
+    run = kd.train.fit(kd.models.build("resnet18", seed=0), data,
+                       kd.train.Recipe(epochs=1, batch_size=32, lr=0.01, optimizer="sgd"),
+                       chapter="t", method="ce", **dirs)
+    assert run.record["model"] == "ResNet" and run.record["arch"] == "resnet18"
+    student = kd.methods.HintStudent(kd.models.build("lightnn", seed=0))
+    assert kd.models.arch_name(student.deployed) == "lightnn"
+    assert kd.models.arch_name(kd.airbench.build_airbench(0, data)) == "airbench"
+
+
+# ---- fixed views: consistent teaching at the cost of a table ---------------------------------
+
+class _Interrupt(Exception):
+    pass
+
+
+def _views_teacher(data, dirs):
+    return kd.teachers.get_teacher("lightnn", data, kd.train.Recipe(epochs=1, batch_size=50),
+                                   profile="t", **dirs)
+
+
+def test_teacher_table_holds_exactly_the_teachers_output_on_each_view(dirs):
+    data = _tiny(60)
+    teacher = _views_teacher(data, dirs).model
+    views = kd.data.FixedViews.draw(len(data.train_y), 3, seed=2)
+    table = kd.train.precompute_teacher(teacher, kd.methods.kd_targets, data, torch.device("cpu"),
+                                        batch_size=25, views=views)["logits"]
+    assert table.shape == (3 * 60, 10)
+    idx = torch.tensor([0, 17, 59])
+    for v in range(3):
+        x = views.apply(data.train_x[idx], idx, torch.full_like(idx, v))
+        with torch.no_grad():
+            direct = teacher(kd.data.normalize(x, data.mean, data.std))
+        assert torch.allclose(table[v * 60 + idx], direct, atol=1e-6)
+    # the views differ from each other and from the plain image
+    assert not torch.equal(views.apply(data.train_x[:8], torch.arange(8), torch.zeros(8, dtype=torch.long)),
+                           views.apply(data.train_x[:8], torch.arange(8), torch.ones(8, dtype=torch.long)))
+    assert views.dy.max() <= 8 and views.dx.min() >= 0
+
+
+def test_each_epoch_draws_one_view_per_image_reproducibly_from_seed_and_epoch():
+    data = _tiny(40)
+    views = kd.data.FixedViews.draw(40, 4, seed=0)
+
+    def epoch(e, seed=1):
+        loader = kd.data.TensorLoader(data.train_x, data.train_y, 16, shuffle=True, seed=seed,
+                                      views=views)
+        loader.set_epoch(e)
+        return [(x, key) for x, _, key in loader]
+    a, b = epoch(3), epoch(3)
+    assert all(torch.equal(x1, x2) and torch.equal(k1, k2) for (x1, k1), (x2, k2) in zip(a, b))
+    keys = torch.cat([k for _, k in a])
+    assert sorted((keys % 40).tolist()) == list(range(40))      # every image once per epoch
+    assert not torch.equal(keys, torch.cat([k for _, k in epoch(4)]))
+    x, key = a[0]
+    img, view = key % 40, key // 40
+    expected = kd.data.normalize(views.apply(data.train_x[img], img, view), data.mean, data.std)
+    assert torch.equal(x, expected)
+    assert len(set((keys // 40).tolist())) > 1                 # several views in one epoch
+
+
+def test_run_with_fixed_views_resumes_on_the_same_views(dirs, tmp_path):
+    data = _tiny(64)
+    teacher = _views_teacher(data, dirs)
+    recipe = kd.train.Recipe(epochs=3, batch_size=16, seed=4, views=4)
+    step = kd.methods.kd_step
+    kw = dict(chapter="t", method="kd", teacher=teacher.model, teacher_targets=kd.methods.kd_targets,
+              progress=False)
+    whole = kd.train.fit(kd.models.build("lightnn", seed=4), data, recipe, step=step,
+                         ckpt_dir=str(tmp_path / "a"), results_dir=str(tmp_path / "ra"), **kw)
+    calls = {"n": 0}
+
+    def interrupting(*args):
+        calls["n"] += 1
+        if calls["n"] == 6:   # in the middle of epoch 2
+            raise _Interrupt
+        return step(*args)
+    b = dict(ckpt_dir=str(tmp_path / "b"), results_dir=str(tmp_path / "rb"))
+    with pytest.raises(_Interrupt):
+        kd.train.fit(kd.models.build("lightnn", seed=4), data, recipe, step=interrupting, **b, **kw)
+    resumed = kd.train.fit(kd.models.build("lightnn", seed=4), data, recipe, step=step, **b, **kw)
+    assert resumed.resumed_from_epoch == 1
+    for k, v in whole.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert whole.record["params"]["views"] == 4
+    with pytest.raises(ValueError, match="views replace the random crop"):
+        kd.train.Recipe(epochs=1, augment=True, views=2)
+    wrong = {"logits": torch.zeros(64, 10)}
+    with pytest.raises(ValueError, match="one row per training image and view \\(256\\)"):
+        kd.train.fit(kd.models.build("lightnn", seed=4), data, recipe, step=step,
+                     teacher_outputs=wrong, ckpt_dir=str(tmp_path / "c"),
+                     results_dir=str(tmp_path / "rc"), **kw)
