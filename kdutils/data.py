@@ -250,24 +250,63 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4, 
     (default: the input's, so offsets lie in ``[0, 2 * pad]``); a smaller ``size`` with
     ``pad=0`` cuts random crops from images padded beforehand (e.g. by reflection).
     """
-    n, c, h, w = x.shape
-    dev = x.device
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad)) if pad else x
+    n, _, h, w = x.shape
     size = size or h
     if size > h + 2 * pad:
         raise ValueError(f"crop size {size} exceeds the padded image ({h + 2 * pad} px)")
-    span = h + 2 * pad - size
-    dy = torch.randint(0, span + 1, (n,), generator=generator, device=generator.device).to(dev)
-    dx = torch.randint(0, w + 2 * pad - size + 1, (n,), generator=generator,
-                       device=generator.device).to(dev)
-    rows = dy[:, None] + torch.arange(size, device=dev)                   # (n, size)
-    cols = dx[:, None] + torch.arange(size, device=dev)                   # (n, size)
-    if flip:
-        mirror = torch.rand(n, generator=generator, device=generator.device).to(dev) < 0.5
-        cols = torch.where(mirror[:, None], cols.flip(1), cols)
-    idx_n = torch.arange(n, device=dev)[:, None, None]
+    g, gd = generator, generator.device
+    dy = torch.randint(0, h + 2 * pad - size + 1, (n,), generator=g, device=gd)
+    dx = torch.randint(0, w + 2 * pad - size + 1, (n,), generator=g, device=gd)
+    mirror = torch.rand(n, generator=g, device=gd) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    return crop_flip(x, dy, dx, mirror, pad, size)
+
+
+def crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, mirror: torch.Tensor,
+              pad: int = 4, size: int | None = None) -> torch.Tensor:
+    """Crop image ``i`` of ``(N, C, H, W)`` at offset ``(dy[i], dx[i])`` of its zero-padded
+    copy and mirror it where ``mirror[i]``: the deterministic half of :func:`random_crop_flip`."""
+    dev = x.device
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad)) if pad else x
+    size = size or x.shape[-2]
+    rows = dy.to(dev)[:, None] + torch.arange(size, device=dev)           # (n, size)
+    cols = dx.to(dev)[:, None] + torch.arange(size, device=dev)           # (n, size)
+    cols = torch.where(mirror.to(dev)[:, None], cols.flip(1), cols)
+    idx_n = torch.arange(len(x), device=dev)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]]  # (n, s, s, c)
     return out.permute(0, 3, 1, 2)
+
+
+@dataclass(frozen=True)
+class FixedViews:
+    """``views`` fixed crop-and-flip views of each of ``n`` images (Fast Knowledge
+    Distillation): offsets ``dy, dx`` and ``mirror`` of shape ``(views, n)``, drawn once from
+    ``seed``. A frozen teacher's outputs on every view are computed once; each epoch the
+    student sees one view per image, drawn from ``(run seed, epoch)``, and the teacher's
+    output for exactly that view is looked up: consistent teaching at the cost of a table.
+    """
+
+    dy: torch.Tensor
+    dx: torch.Tensor
+    mirror: torch.Tensor
+    pad: int = 4
+
+    @staticmethod
+    def draw(n: int, views: int, seed: int = 0, pad: int = 4) -> "FixedViews":
+        if views < 1:
+            raise ValueError(f"views must be >= 1, got {views}")
+        g = torch.Generator().manual_seed(20_011 + seed)
+        dy = torch.randint(0, 2 * pad + 1, (views, n), generator=g, dtype=torch.uint8)
+        dx = torch.randint(0, 2 * pad + 1, (views, n), generator=g, dtype=torch.uint8)
+        return FixedViews(dy.long(), dx.long(), torch.rand(views, n, generator=g) < 0.5, pad)
+
+    @property
+    def views(self) -> int:
+        return self.dy.shape[0]
+
+    def apply(self, x: torch.Tensor, idx: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+        """The images ``x`` (dataset rows ``idx``) in their views ``view``."""
+        idx, view = idx.cpu(), view.cpu()
+        return crop_flip(x, self.dy[view, idx], self.dx[view, idx], self.mirror[view, idx], self.pad)
 
 
 def random_erasing(x: torch.Tensor, generator: torch.Generator, p: float = 0.5,
@@ -315,7 +354,8 @@ class TensorLoader:
     """Batches from uint8 image tensors held on ``device``.
 
     Yields ``(images, labels, indices)``: normalised float images, int64 labels, and the
-    indices of the samples in the dataset (used to look up pre-computed teacher outputs).
+    indices of the samples in the dataset (used to look up pre-computed teacher outputs; with
+    ``views``, the index ``view * N + image`` of the image's view this epoch).
     Call :meth:`set_epoch` before each epoch: the order and the augmentation of an epoch
     are a function of ``(seed, epoch)`` alone, so a resumed run sees the same batches.
     """
@@ -323,7 +363,8 @@ class TensorLoader:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool,
                  augment: bool = False, seed: int = 0, mean=CIFAR10_MEAN, std=CIFAR10_STD,
                  device: str | torch.device = "cpu", drop_last: bool = False,
-                 channels_last: bool = False, autoaugment: bool = False, erasing: float = 0.0):
+                 channels_last: bool = False, autoaugment: bool = False, erasing: float = 0.0,
+                 views: FixedViews | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
@@ -332,7 +373,7 @@ class TensorLoader:
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.seed, self.mean, self.std = seed, mean, std
         self.drop_last, self.channels_last = drop_last, channels_last
-        self.autoaugment, self.erasing = autoaugment, erasing
+        self.autoaugment, self.erasing, self.views = autoaugment, erasing, views
         self.epoch = 0
         self.rank, self.world = 0, 1
 
@@ -371,6 +412,8 @@ class TensorLoader:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         n = len(self.y)
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        # with fixed views: the view of every image this epoch (its row in the teacher's table)
+        view = None if self.views is None else torch.randint(0, self.views.views, (n,), generator=g)
         if self.world > 1 and not self.shuffle:
             order = order[self.rank::self.world]
         order = order.to(self.device)
@@ -378,6 +421,11 @@ class TensorLoader:
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             xb = self.x[idx]
+            key = idx
+            if view is not None:
+                v = view[idx.cpu()]
+                xb = self.views.apply(xb, idx, v)
+                key = v.to(idx.device) * n + idx   # row of (view, image) in the teacher's table
             if self.augment:
                 xb = random_crop_flip(xb, g)
             if self.autoaugment:
@@ -387,19 +435,20 @@ class TensorLoader:
                 xb = random_erasing(xb, g, p=self.erasing)
             if self.world > 1 and self.shuffle:  # augmented as one global batch, then cut
                 lo = self.rank * part
-                xb, idx = xb[lo:lo + part], idx[lo:lo + part]
+                xb, idx, key = xb[lo:lo + part], idx[lo:lo + part], key[lo:lo + part]
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            yield xb, self.y[idx], idx
+            yield xb, self.y[idx], key
 
 
 def loaders(data: ImageData, batch_size: int, *, seed: int, augment: bool = False,
             device="cpu", eval_batch_size: int = 1000, channels_last: bool = False,
-            autoaugment: bool = False, erasing: float = 0.0):
+            autoaugment: bool = False, erasing: float = 0.0, views: FixedViews | None = None):
     """The training loader (shuffled) and the test loader (fixed order, no augmentation)."""
     train = TensorLoader(data.train_x, data.train_y, batch_size, shuffle=True, augment=augment,
                          seed=seed, mean=data.mean, std=data.std, device=device,
-                         channels_last=channels_last, autoaugment=autoaugment, erasing=erasing)
+                         channels_last=channels_last, autoaugment=autoaugment, erasing=erasing,
+                         views=views)
     test = TensorLoader(data.test_x, data.test_y, eval_batch_size, shuffle=False,
                         mean=data.mean, std=data.std, device=device, channels_last=channels_last)
     return train, test

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import settings
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint, load_state_dict_strict
-from .data import ImageData, loaders
+from .data import FixedViews, ImageData, loaders, normalize
 from .results import make_record, write_record
 
 Step = Callable[[nn.Module, torch.Tensor, torch.Tensor, dict | None], torch.Tensor]
@@ -47,6 +47,8 @@ class Recipe:
     seed: int = 0
     autoaugment: bool = False        # AutoAugment, CIFAR-10 policy, per image (R1)
     erasing: float = 0.0             # RandomErasing probability per image (R1: 0.5)
+    views: int = 0                   # > 0: crop + flip from this many fixed views per image
+    view_seed: int = 0               # which fixed views (shared by all seeds, like the teacher)
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -62,16 +64,22 @@ class Recipe:
                              f"got {self.schedule!r}")
         if not 0 <= self.erasing <= 1:
             raise ValueError(f"erasing must be a probability in [0, 1], got {self.erasing}")
+        if self.views < 0:
+            raise ValueError(f"views must be >= 0, got {self.views}")
+        if self.views and (self.augment or self.autoaugment or self.erasing):
+            raise ValueError("views replace the random crop and flip: set augment=False "
+                             "(and no AutoAugment or erasing) with views > 0")
 
     @property
     def augments(self) -> bool:
-        """Whether a batch differs between epochs (then a teacher must see every batch)."""
+        """Whether a batch differs between epochs in a way no table can hold (then a teacher
+        must see every batch). Fixed ``views`` do not count: the teacher sees each view once."""
         return self.augment or self.autoaugment or self.erasing > 0
 
     def key(self) -> dict:
-        """The recipe as it enters a run's key. Fields added after the first edition of the
-        book (``autoaugment``, ``erasing``) enter only when set, so earlier runs keep their
-        names and checkpoints."""
+        """The recipe as it enters a run's key. The optional fields (``autoaugment``,
+        ``erasing``, ``views``, ``view_seed``) enter only when set, so that runs without them
+        keep their names and checkpoints."""
         d = asdict(self)
         for name, default in _LATER_FIELDS.items():
             if d[name] == default:
@@ -80,7 +88,7 @@ class Recipe:
 
 
 SCHEDULES = ("constant", "cosine", "onecycle")
-_LATER_FIELDS = {"autoaugment": False, "erasing": 0.0}
+_LATER_FIELDS = {"autoaugment": False, "erasing": 0.0, "views": 0, "view_seed": 0}
 
 
 @dataclass(frozen=True)
@@ -225,20 +233,28 @@ def freeze(teacher: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def precompute_teacher(teacher: nn.Module, teacher_targets: TeacherTargets, data: ImageData,
-                       device: torch.device, batch_size: int = 500) -> dict[str, torch.Tensor]:
+                       device: torch.device, batch_size: int = 500,
+                       views=None) -> dict[str, torch.Tensor]:
     """``teacher_targets`` for every training image, in dataset order, computed once.
 
     Exact only without augmentation: then an image is the same tensor every epoch, and so
     is the frozen teacher's output. With augmentation the teacher must see each augmented
-    batch, and :func:`fit` calls it per step instead.
+    batch, and :func:`fit` calls it per step instead. With fixed ``views``
+    (:class:`kdutils.data.FixedViews`) the teacher sees every view of every image once; row
+    ``view * N + image`` holds its output for that view.
     """
-    from .data import TensorLoader
-    loader = TensorLoader(data.train_x, data.train_y, batch_size, shuffle=False,
-                          mean=data.mean, std=data.std, device=device)
+    images = data.train_x.to(device)
+    n = len(images)
     parts: dict[str, list] = {}
-    for x, _, _ in loader:
-        for k, v in teacher_targets(teacher, x).items():
-            parts.setdefault(k, []).append(v)
+    for v in range(views.views if views is not None else 1):
+        for b in range(0, n, batch_size):
+            idx = torch.arange(b, min(b + batch_size, n))
+            x = images[b:b + batch_size]
+            if views is not None:
+                x = views.apply(x, idx, torch.full_like(idx, v))
+            x = normalize(x, data.mean, data.std)
+            for k, out in teacher_targets(teacher, x).items():
+                parts.setdefault(k, []).append(out)
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
@@ -322,9 +338,11 @@ def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, meth
     model.to(dev, memory_format=fmt)
     if teacher is not None:
         freeze(teacher.to(dev, memory_format=fmt))
+    views = (FixedViews.draw(len(data.train_y), recipe.views, recipe.view_seed)
+             if recipe.views else None)
     train_loader, test_loader = loaders(data, recipe.batch_size, seed=recipe.seed,
                                         augment=recipe.augment, device=dev,
-                                        channels_last=cl,
+                                        channels_last=cl, views=views,
                                         autoaugment=recipe.autoaugment, erasing=recipe.erasing)
     val_loader = None
     if data.val_x is not None:
@@ -360,14 +378,15 @@ def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, meth
         if recipe.augments:
             raise ValueError("teacher_outputs were given, but the recipe augments: the teacher "
                              "must see every augmented batch, so outputs cannot be precomputed")
-        n = len(data.train_y)
+        n = len(data.train_y) * max(1, recipe.views)
         if any(len(v) != n for v in teacher_outputs.values()):
-            raise ValueError(f"teacher_outputs must hold one row per training image ({n})")
+            raise ValueError(f"teacher_outputs must hold one row per training image"
+                             f"{' and view' if recipe.views else ''} ({n})")
         cached = {k: v.to(dev) for k, v in teacher_outputs.items()}
     elif (teacher is not None and start < recipe.epochs
           and not recipe.augments):
         t0 = time.perf_counter()
-        cached = precompute_teacher(teacher, teacher_targets, data, dev)
+        cached = precompute_teacher(teacher, teacher_targets, data, dev, views=views)
         extra_s += time.perf_counter() - t0
 
     run_model = model
