@@ -86,9 +86,17 @@ def identity(record: dict) -> str:
     """What makes a run the run it is, apart from its seed: chapter, method, profile, data,
     teacher, network and every parameter but ``seed``. Runs with the same identity and
     different seeds are repetitions of one experiment; anything else is another experiment."""
-    params = {k: v for k, v in (record.get("params") or {}).items() if k != "seed"}
+    params = _params_but_seed(record.get("params"))
     fields = {k: record.get(k) for k in IDENTITY_FIELDS}
     return json.dumps({**fields, "params": params}, sort_keys=True, default=str)
+
+
+def _params_but_seed(params: dict | None) -> dict:
+    """A record's parameters without the seed and without optional recipe fields left at
+    their defaults (a record written before such a field existed describes the same run)."""
+    from .train import OPTIONAL_RECIPE_FIELDS
+    return {k: v for k, v in (params or {}).items()
+            if k != "seed" and not (k in OPTIONAL_RECIPE_FIELDS and v == OPTIONAL_RECIPE_FIELDS[k])}
 
 
 def _variants(frame) -> list[str]:
@@ -98,7 +106,7 @@ def _variants(frame) -> list[str]:
     for _, group in frame.groupby(["chapter", "method"], sort=False):
         if group["identity"].nunique() < 2:
             continue
-        params = [{k: v for k, v in (p or {}).items() if k != "seed"} for p in group["params"]]
+        params = [_params_but_seed(p) for p in group["params"]]
         keys = sorted({k for p in params for k in p})
         differ = [k for k in keys if len({json.dumps(p.get(k), default=str) for p in params}) > 1]
         other = [k for k in ("teacher_key", "train_size", "profile", "data_source")

@@ -81,14 +81,14 @@ class Recipe:
         ``erasing``, ``views``, ``view_seed``) enter only when set, so that runs without them
         keep their names and checkpoints."""
         d = asdict(self)
-        for name, default in _LATER_FIELDS.items():
+        for name, default in OPTIONAL_RECIPE_FIELDS.items():
             if d[name] == default:
                 del d[name]
         return d
 
 
 SCHEDULES = ("constant", "cosine", "onecycle")
-_LATER_FIELDS = {"autoaugment": False, "erasing": 0.0, "views": 0, "view_seed": 0}
+OPTIONAL_RECIPE_FIELDS = {"autoaugment": False, "erasing": 0.0, "views": 0, "view_seed": 0}
 
 
 @dataclass(frozen=True)
