@@ -183,6 +183,9 @@ class AirbenchBatches:
         g = torch.Generator().manual_seed(seed)
         flip = (torch.rand(len(x), generator=g) < 0.5).to(device)
         self.x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        # padded once: mirroring commutes with the symmetric reflection padding
+        p = translate
+        self.padded = F.pad(self.x, (p, p, p, p), mode="reflect") if p else self.x
         self.y = data.train_y.to(device)
 
     def __len__(self) -> int:
@@ -191,10 +194,8 @@ class AirbenchBatches:
     def epoch(self, epoch: int):
         """Yields ``(images, labels, indices)`` for ``epoch``."""
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        x = self.x.flip(-1) if epoch % 2 == 1 else self.x
+        x = self.padded.flip(-1) if epoch % 2 == 1 else self.padded
         if self.translate:
-            p = self.translate
-            x = F.pad(x, (p, p, p, p), mode="reflect")
             x = random_crop_flip(x, g, pad=0, size=self.x.shape[-1], flip=False)
         order = torch.randperm(len(self.y), generator=g).to(self.device)
         for b in range(len(self)):
@@ -224,15 +225,12 @@ def predict_tta(net: nn.Module, x: torch.Tensor, level: int = 2) -> torch.Tensor
 def accuracy(net: nn.Module, data: ImageData, device, *, tta_level: int = 0,
              batch_size: int = 1000, channels_last: bool = False) -> float:
     """Test accuracy in percent, with test-time augmentation ``tta_level``."""
+    from .data import TensorLoader
     was = net.training
     net.eval()
-    correct = 0
-    for i in range(0, len(data.test_y), batch_size):
-        x = normalize(data.test_x[i:i + batch_size].to(device), data.mean, data.std)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        pred = predict_tta(net, x, tta_level).argmax(1).cpu()
-        correct += (pred == data.test_y[i:i + batch_size]).sum().item()
+    loader = TensorLoader(data.test_x, data.test_y, batch_size, shuffle=False, mean=data.mean,
+                          std=data.std, device=device, channels_last=channels_last)
+    correct = sum((predict_tta(net, x, tta_level).argmax(1) == y).sum().item() for x, y, _ in loader)
     net.train(was)
     return 100.0 * correct / len(data.test_y)
 

@@ -295,9 +295,9 @@ class FixedViews:
         if views < 1:
             raise ValueError(f"views must be >= 1, got {views}")
         g = torch.Generator().manual_seed(20_011 + seed)
-        dy = torch.randint(0, 2 * pad + 1, (views, n), generator=g, dtype=torch.uint8)
-        dx = torch.randint(0, 2 * pad + 1, (views, n), generator=g, dtype=torch.uint8)
-        return FixedViews(dy.long(), dx.long(), torch.rand(views, n, generator=g) < 0.5, pad)
+        dy = torch.randint(0, 2 * pad + 1, (views, n), generator=g)
+        dx = torch.randint(0, 2 * pad + 1, (views, n), generator=g)
+        return FixedViews(dy, dx, torch.rand(views, n, generator=g) < 0.5, pad)
 
     @property
     def views(self) -> int:

@@ -13,6 +13,8 @@ distilled student shares with its teacher beyond accuracy (chapter "When does di
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -142,9 +144,9 @@ def few_label_runs(data: ImageData, teacher: Run, *, fractions, seeds, epochs: i
                     kw = dict(teacher=teacher.model, teacher_targets=kd_targets,
                               teacher_key=teacher.record["run_key"])
                     if arm == "kd":
-                        step = _partial(kd_step, T=T, alpha=alpha)
+                        step = partial(kd_step, T=T, alpha=alpha)
                     else:
-                        step = _partial(kd_unlabelled_step, T=T, alpha=alpha)
+                        step = partial(kd_unlabelled_step, T=T, alpha=alpha)
                         train_data = data
                 model = build("lightnn", seed=seed)
                 _, ckpt, _ = run_paths(model, train_data, recipe, method=arm, params=params,
@@ -161,11 +163,6 @@ def few_label_runs(data: ImageData, teacher: Run, *, fractions, seeds, epochs: i
                 runs.append(fit(model, train_data, recipe, method=arm, step=step, params=params,
                                 **common, **kw))
     return runs
-
-
-def _partial(step, **weights):
-    from functools import partial
-    return partial(step, **weights)
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> float:
