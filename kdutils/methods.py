@@ -155,17 +155,18 @@ def byot_step(model, x, y, t, *, T=4.0, kd_weight=0.7, feature_weight=0.3, detac
 
 # ---- Part II: feature self-distillation through forward hooks (R3) --------------------------
 class HookSelfDistill(nn.Module):
-    """A network plus the trainable 1x1 projection of R3's layer4 -> layer2 feature loss.
+    """A network plus the trainable 1x1 projection of a layer4 -> layer2 feature loss (R3).
 
-    ``forward`` is the network alone. The projection (512 -> 128 channels) lives inside the
-    module, so ``model.parameters()`` hands it to the optimiser: R3 created it outside the
-    model and never trained it. ``deployed`` is the network without the projection.
+    ``forward`` is the network alone. The projection (128 -> 512 channels) maps the shallow
+    map, the student's side, onto the deep one, the teacher's side; it lives inside the
+    module, so ``model.parameters()`` hands it to the optimiser (R3 created it outside the
+    model and never trained it). ``deployed`` is the network without the projection.
     """
 
     def __init__(self, net: nn.Module, deep="layer4", shallow="layer2", deep_ch=512, shallow_ch=128):
         super().__init__()
         self.net, self.deep, self.shallow = net, deep, shallow
-        self.proj = nn.Conv2d(deep_ch, shallow_ch, kernel_size=1)
+        self.proj = nn.Conv2d(shallow_ch, deep_ch, kernel_size=1)
 
     def forward(self, x):
         return self.net(x)
@@ -176,18 +177,21 @@ class HookSelfDistill(nn.Module):
 
 
 def hook_sd_step(model, x, y, t, *, hook_weight=0.5):
-    """``hook_weight * MSE(pool(layer2), proj(layer4)) + (1 - hook_weight) * CE``.
+    """``hook_weight * MSE(proj(pool(layer2)), layer4.detach()) + (1 - hook_weight) * CE``.
 
     Both maps are captured by forward hooks; layer2's map is average-pooled to layer4's
-    spatial size. ``hook_weight=0`` is the baseline without the term: the loss and every
-    gradient of the network are plain cross-entropy's (the projection still runs, so that all
-    trainable parameters take part in every step, as DistributedDataParallel expects).
+    spatial size and projected to its channels. The deep map is the teacher: it is detached,
+    so the term trains layer2 (and the layers before it) and the projection, never layer3 or
+    layer4, and its target cannot shrink to meet the student. ``hook_weight=0`` is the
+    baseline without the term: the loss and every gradient of the network are plain
+    cross-entropy's (the projection still runs, so that all trainable parameters take part
+    in every step, as DistributedDataParallel expects).
     """
     with capture(model.net, [model.shallow, model.deep]) as f:
         logits = model(x)
-    deep, shallow = f[model.deep], f[model.shallow]
+    deep, shallow = f[model.deep].detach(), f[model.shallow]
     shallow = F.adaptive_avg_pool2d(shallow, deep.shape[-2:])
-    return (hook_weight * F.mse_loss(shallow, model.proj(deep))
+    return (hook_weight * F.mse_loss(model.proj(shallow), deep)
             + (1 - hook_weight) * ce_loss(logits, y))
 
 

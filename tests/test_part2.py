@@ -49,6 +49,7 @@ def test_committed_records_keep_their_run_keys():
         # records older than the "train_model" field name the deployed network; the trained
         # module (the key's) then is the one with the training-only part
         trained = r.get("train_model") or {"hint": "HintStudent", "hooks": "HookSelfDistill",
+                                           "hook_sd": "HookSelfDistill",
                                            "feature-kd": "FeatureKDStudent"}.get(r["method"], r["model"])
         key = run_key(chapter=r["chapter"], method=r["method"], recipe=recipe.key(), params=weights,
                       data=r["data_source"], train=r["train_size"], test=r["test_size"],
@@ -201,8 +202,32 @@ def test_hook_self_distillation_trains_its_projection_and_weight_zero_is_ce():
     model.eval()
     assert kd.methods.hook_sd_step(model, x, y, None, hook_weight=0.0).item() == pytest.approx(
         F.cross_entropy(model(x), y).item(), rel=1e-6)
-    assert kd.models.count_params(model) - kd.models.count_params(model.deployed) == 512 * 128 + 128
+    assert kd.models.count_params(model) - kd.models.count_params(model.deployed) == 128 * 512 + 512
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_hook_term_teaches_the_shallow_layers_and_sends_no_gradient_into_layer3_or_layer4():
+    torch.manual_seed(0)
+    model = kd.methods.HookSelfDistill(kd.models.build("resnet18"))
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    # the hook term alone: total loss at weight 1 (no cross-entropy)
+    kd.methods.hook_sd_step(model, x, y, None, hook_weight=1.0).backward()
+
+    def grad_norm(module):
+        return sum(p.grad.abs().sum().item() for p in module.parameters() if p.grad is not None)
+
+    assert grad_norm(model.net.layer3) == 0 and grad_norm(model.net.layer4) == 0
+    assert grad_norm(model.net.fc) == 0
+    assert grad_norm(model.net.layer2) > 0 and grad_norm(model.net.layer1) > 0
+    assert grad_norm(model.proj) > 0
+    # ... and with cross-entropy, layer3 and layer4 learn from the labels only
+    model.zero_grad(set_to_none=True)
+    kd.methods.hook_sd_step(model, x, y, None, hook_weight=0.5).backward()
+    mixed = [p.grad.clone() for p in model.net.layer4.parameters()]
+    model.zero_grad(set_to_none=True)
+    (0.5 * F.cross_entropy(model(x), y)).backward()
+    for a, b in zip(mixed, model.net.layer4.parameters()):
+        assert torch.allclose(a, b.grad, atol=1e-7, rtol=1e-5)
 
 
 def test_feature_kd_matches_shapes_and_only_the_student_learns():
