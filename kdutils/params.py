@@ -44,7 +44,8 @@ CHAPTER_PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                                        "image_size": 32},
                    "smoke": {"dataset": "cifar10", "image_size": 32, "max_seeds": 1, "train_size": 320,
                              "test_size": 200}},
-    "pays": {"smoke": {"few_label_epochs": 1, "fractions": [0.05, 1.0]}},
+    "pays": {"smoke": {"few_label_epochs": 1, "fractions": [0.05, 1.0], "grid_T": [1.0, 5.0],
+                       "grid_alpha": [0.5], "views": 2, "view_epochs": [1, 2]}},
 }
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -131,6 +132,32 @@ def fractions(v):
     return [float(f) for f in v]
 
 
+def fraction(v):
+    if not _is_number(v):
+        raise TypeError("a number in (0, 1]")
+    if not 0 < v <= 1:
+        raise ValueError("a number in (0, 1]")
+    return float(v)
+
+
+def list_of(item: Callable[[Any], Any]) -> Callable[[Any], list]:
+    """A checker for a non-empty list whose every element passes ``item``."""
+    def check(v):
+        try:
+            item(None)
+        except (TypeError, ValueError) as e:
+            allowed = f"a non-empty list, each {e}"
+        if not isinstance(v, (list, tuple)) or not v:
+            raise TypeError(allowed)
+        try:
+            return [item(x) for x in v]
+        except TypeError:
+            raise TypeError(allowed) from None
+        except ValueError:
+            raise ValueError(allowed) from None
+    return check
+
+
 def optional_path(v):
     if v is not None and not isinstance(v, str):
         raise TypeError("a folder path (str) or None")
@@ -202,7 +229,10 @@ SCHEMAS: dict[str, dict[str, Callable]] = {
                    "teacher_weights": choice("imagenet", "none"), "image_size": positive_int,
                    "T": positive_float, "alpha": probability, "feature_weight": probability},
     "pays": {**COMMON, "teacher_epochs": positive_float, "T": positive_float,
-             "alpha": probability, "fractions": fractions, "few_label_epochs": positive_int},
+             "alpha": probability, "fractions": fractions, "few_label_epochs": positive_int,
+             "grid_T": list_of(positive_float), "grid_alpha": list_of(probability),
+             "grid_fraction": fraction, "view_fraction": fraction, "views": positive_int,
+             "view_epochs": list_of(positive_int)},
     "results": {"results_dir": optional_path},
     "speed": {**COMMON, "student": choice(*MODELS)},
     "scaleout": {"profile": COMMON["profile"], "dataset": COMMON["dataset"], "epochs": positive_int,
@@ -240,7 +270,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # When distillation pays: the airbench teacher (9.9 epochs), then R5's student recipe with
     # chapter 3's T and alpha, five seeds; the few-label runs take 3 epochs' worth of steps.
     "pays": {**{k: v for k, v in _R5.items() if k != "teacher"}, "seeds": [0, 1, 2, 3, 4], "teacher_epochs": 9.9, "T": 5.0, "alpha": 0.5,
-             "fractions": [0.01, 0.05, 1.0], "few_label_epochs": 3},
+             "fractions": [0.01, 0.05, 0.2, 1.0], "few_label_epochs": 3,
+             "grid_T": [1.0, 2.0, 5.0, 10.0], "grid_alpha": [0.25, 0.5, 0.9], "grid_fraction": 0.05,
+             "view_fraction": 0.2, "views": 8, "view_epochs": [10, 40]},
     "results": {"results_dir": None},
     # Appendix "Making it fast": R5's student recipe, fp32 NCHW against the fast settings.
     "speed": {**_R5, "student": "lightnn"},
@@ -314,6 +346,22 @@ def from_notebook(namespace: dict[str, Any], chapter: str) -> Params:
               if not k.startswith("_") and k not in _NOTEBOOK_NAMES
               and isinstance(v, _LITERALS)}
     return check(chapter, **values)
+
+
+PROFILE_NOTES = {
+    "full": "This is the chapter's full recipe.",
+    "fast": "This is the short one-cycle recipe, not the 200-epoch one.",
+    "cpu": ("This is a reduced but real training, made on a machine without a GPU: a few "
+            "epochs on a tenth of CIFAR-10. Its accuracies are far below what the full recipe "
+            "reaches and say nothing about it; they show the method working end to end."),
+    "smoke": "This is a code check only; its numbers mean nothing.",
+}
+
+
+def profile_note(profile: str) -> str:
+    """The sentence a Part II page shows under its run's description: what its profile's
+    numbers can and cannot say."""
+    return PROFILE_NOTES[profile]
 
 
 def describe(p: Params) -> str:

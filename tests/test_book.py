@@ -21,3 +21,18 @@ def test_committed_notebooks_show_real_runs_without_errors():
         assert not [o for o in outputs if o.get("output_type") == "error"], nb_path.name
         text = json.dumps(outputs)
         assert "profile=smoke" not in text, f"{nb_path.name} carries outputs of a smoke run"
+
+
+def test_every_chapter_installs_kdutils_on_colab_from_the_configured_repository():
+    """The repository's address lives in ``_config.yml``; each chapter's Colab line must
+    install from exactly that address and branch (one line per chapter, nothing else)."""
+    import yaml
+    repo = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]
+    expected = f'%pip install -q "kdutils @ git+{repo["url"]}@{repo["branch"]}"'
+    for nb_path in sorted((ROOT / "book").glob("*.ipynb")):
+        nb = json.loads(nb_path.read_text())
+        lines = [line.strip() for c in nb["cells"] if c["cell_type"] == "code"
+                 for line in "".join(c["source"]).splitlines() if "pip install" in line]
+        assert lines == [expected], f"{nb_path.name}: {lines}"
+        text = json.dumps([c["source"] for c in nb["cells"]])
+        assert text.count("github.com/") == text.count(repo["url"]) == 1, nb_path.name
