@@ -110,16 +110,38 @@ class Speed:
 
     def layout(self, device: torch.device) -> bool:
         """Whether to use channels_last on ``device``."""
-        return device.type == "cuda" if self.channels_last is None else self.channels_last
+        return choose_layout(self.channels_last, device.type)
 
     def precision(self, device: torch.device) -> torch.dtype | None:
-        if self.amp not in ("auto", "bf16", "fp16", "off"):
-            raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or 'off', got {self.amp!r}")
-        if self.amp == "off" or (self.amp == "auto" and device.type != "cuda"):
-            return None
-        if self.amp == "fp16" or (self.amp == "auto" and not torch.cuda.is_bf16_supported()):
-            return torch.float16
-        return torch.bfloat16
+        native_bf16 = device.type == "cuda" and cuda_native_bf16(torch.cuda.get_device_capability(device))
+        return choose_precision(self.amp, device.type, native_bf16)
+
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+
+
+def cuda_native_bf16(capability: tuple[int, int]) -> bool:
+    """Whether a CUDA GPU of compute ``capability`` computes in bf16 natively: Ampere and later
+    (A100 8.0, A10/RTX 30 8.6, L4 8.9, H100 9.0); not a T4 (7.5) or a V100 (7.0)."""
+    return tuple(capability) >= (8, 0)
+
+
+def choose_precision(amp: str, device_type: str, native_bf16: bool) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` on a device of ``device_type``. ``"auto"``: bf16 on a
+    CUDA GPU with native bf16, fp16 (with a gradient scaler) on an older one, off elsewhere.
+    An explicit ``"bf16"`` or ``"fp16"`` is obeyed on any device."""
+    if amp not in AMP_CHOICES:
+        raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or 'off', got {amp!r}")
+    if amp == "off" or (amp == "auto" and device_type != "cuda"):
+        return None
+    if amp == "fp16" or (amp == "auto" and not native_bf16):
+        return torch.float16
+    return torch.bfloat16
+
+
+def choose_layout(channels_last: bool | None, device_type: str) -> bool:
+    """channels_last if asked for; by default (``None``) on a CUDA GPU only."""
+    return device_type == "cuda" if channels_last is None else channels_last
 
 
 @dataclass
