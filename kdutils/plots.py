@@ -124,6 +124,50 @@ def label_fractions(table, ax=None, title=None):
     return _finish(ax, "labelled training images", "test accuracy (%)", title, "lower right")
 
 
+def accuracy_by_epochs(table, ax=None, title=None):
+    """Mean accuracy against the number of epochs, one line per arm, from
+    :func:`kdutils.regimes.view_table`; bars show the spread (std) over seeds."""
+    ax = ax or plt.subplots(figsize=(5.5, 3.8))[1]
+    names = {"ce": "cross-entropy", "kd": "KD, teacher on the student's view (consistent)",
+             "kd_inconsistent": "KD, teacher on the plain image (inconsistent)"}
+    for i, (method, group) in enumerate(table.groupby("method", sort=False)):
+        group = group.sort_values("epochs")
+        ax.errorbar(group["epochs"], group["acc_mean"], yerr=group["acc_std"].fillna(0),
+                    marker="os^"[i % 3], ms=5, capsize=3, color=f"C{i}",
+                    label=names.get(method, method))
+    ax.set_xticks(sorted(set(table["epochs"])))
+    return _finish(ax, "epochs", "test accuracy (%)", title, "lower right")
+
+
+def grid_heatmap(table, value: str = "diff_mean", ax=None, title=None):
+    """A heatmap of ``value`` over temperature (rows) and soft-target weight (columns), from
+    :func:`kdutils.regimes.grid_table`; each cell also prints its 95% interval, and cells
+    whose interval excludes zero are framed."""
+    import numpy as np
+    grid = table.pivot(index="T", columns="alpha", values=value)
+    ax = ax or plt.subplots(figsize=(1.6 * grid.shape[1] + 2.2, 0.8 * grid.shape[0] + 1.4))[1]
+    span = float(np.nanmax(np.abs(grid.to_numpy()))) or 1.0
+    image = ax.imshow(grid.to_numpy(), cmap="RdBu", vmin=-span, vmax=span, aspect="auto")
+    for row in table.itertuples():
+        i, j = grid.index.get_loc(row.T), grid.columns.get_loc(row.alpha)
+        text = f"{getattr(row, value):+.2f}"
+        if value == "diff_mean":
+            text += f"\n[{row.ci_low:+.1f}, {row.ci_high:+.1f}]"
+            if row.ci_low > 0 or row.ci_high < 0:
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2, color="black"))
+        dark = abs(getattr(row, value)) > 0.6 * span
+        ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                color="white" if dark else "black")
+    ax.set_xticks(range(grid.shape[1]), [f"{a:g}" for a in grid.columns])
+    ax.set_yticks(range(grid.shape[0]), [f"{t:g}" for t in grid.index])
+    ax.set_xlabel("alpha (weight of the soft-target term)")
+    ax.set_ylabel("temperature T")
+    ax.figure.colorbar(image, ax=ax, label="KD - CE (points)" if value == "diff_mean" else value)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax
+
+
 def reliability(curves: dict, ax=None, title=None):
     """Reliability diagram: accuracy against confidence per bin, one line per model;
     ``curves`` maps a label to :func:`kdutils.regimes.calibration`'s result."""

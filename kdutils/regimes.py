@@ -21,7 +21,7 @@ from torch import nn
 
 from . import settings
 from .checkpoint import atomic_save, load_checkpoint
-from .data import ImageData, TensorLoader
+from .data import FixedViews, ImageData, TensorLoader
 from .losses import ce_loss, soft_target_loss
 from .methods import ce_step, kd_step, kd_targets
 from .models import build
@@ -29,6 +29,7 @@ from .train import (Recipe, Run, fit, is_finished, pick_device, precompute_teach
                     run_paths)
 
 ARMS = ("ce", "kd", "kd_unlabelled")
+VIEW_ARMS = ("ce", "kd", "kd_inconsistent")
 
 
 def label_subset(labels: torch.Tensor, fraction: float, seed: int,
@@ -163,6 +164,153 @@ def few_label_runs(data: ImageData, teacher: Run, *, fractions, seeds, epochs: i
                 runs.append(fit(model, train_data, recipe, method=arm, step=step, params=params,
                                 **common, **kw))
     return runs
+
+
+def temperature_grid(data: ImageData, teacher: Run, *, temperatures, alphas, fraction: float,
+                     seeds, epochs: int, logits: torch.Tensor | None = None,
+                     **kwargs) -> list[Run]:
+    """KD on the labelled images (arm ``kd`` of :func:`few_label_runs`) for every temperature
+    ``T`` in ``temperatures`` and soft-target weight ``alpha`` in ``alphas``, at one label
+    ``fraction``, plus the cross-entropy runs it is paired with. ``kwargs`` go to
+    :func:`few_label_runs` (batch size, learning rate, run options)."""
+    if not temperatures or not alphas:
+        raise ValueError("temperatures and alphas must each hold at least one value")
+    runs = few_label_runs(data, teacher, fractions=[fraction], seeds=seeds, epochs=epochs,
+                          arms=("ce",), logits=logits, **kwargs)
+    for T in temperatures:
+        for alpha in alphas:
+            runs += few_label_runs(data, teacher, fractions=[fraction], seeds=seeds,
+                                   epochs=epochs, T=T, alpha=alpha, arms=("kd",),
+                                   logits=logits, **kwargs)
+    return runs
+
+
+def grid_table(records, confidence: float = 0.95):
+    """One row per (T, alpha) of :func:`temperature_grid`'s runs: seeds, mean accuracy, and
+    the difference to cross-entropy paired by seed with its ``confidence`` interval."""
+    from .results import paired_comparison
+    params = records["params"]
+    cell = [("ce" if m == "ce" else f"T={p['T']:g}, alpha={p['alpha']:g}")
+            for m, p in zip(records["method"], params)]
+    table = paired_comparison(records.assign(cell=cell), baseline="ce", label="cell")
+    kd_rows = table[table["cell"] != "ce"].copy()
+    by_cell = dict(zip(cell, params))
+    kd_rows.insert(0, "T", [by_cell[c]["T"] for c in kd_rows["cell"]])
+    kd_rows.insert(1, "alpha", [by_cell[c]["alpha"] for c in kd_rows["cell"]])
+    return kd_rows.drop(columns="cell").sort_values(["T", "alpha"]).reset_index(drop=True)
+
+
+def view_logits(teacher: Run, data: ImageData, views: int, view_seed: int = 0, device="auto",
+                ckpt_dir=None) -> torch.Tensor:
+    """The frozen teacher's logits for each of ``views`` fixed crop-and-flip views of every
+    training image (:class:`kdutils.data.FixedViews` drawn from ``view_seed``, as
+    :func:`kdutils.train.fit` draws them for ``Recipe(views=views)``): row ``view * N +
+    image``. Computed once, then kept beside the teacher's checkpoint. It holds ``views * N *
+    classes`` floats: 3.2 MB for 8 views of 10,000 CIFAR-10 images."""
+    dev = pick_device(device)
+    key = run_key(teacher=teacher.record["run_key"], data=data.source, n=len(data.train_y),
+                  labels=int(data.train_y.sum()), pixels=int(data.train_x[:, :, 0, 0].sum()),
+                  views=views, view_seed=view_seed)
+    path = settings.ckpt_dir(ckpt_dir) / "teacher" / f"{teacher.record['run_key']}-{key}.views.pt"
+    if path.is_file():
+        return load_checkpoint(path, map_location=dev)["logits"]
+    fixed = FixedViews.draw(len(data.train_y), views, view_seed)
+    logits = precompute_teacher(teacher.model.to(dev).eval(), kd_targets, data, dev,
+                                views=fixed)["logits"]
+    atomic_save({"logits": logits.cpu()}, path)
+    return logits
+
+
+def view_runs(data: ImageData, teacher: Run, *, fraction: float, views: int, epoch_counts,
+              seeds, batch_size: int = 128, lr: float = 1e-3, T: float = 5.0,
+              alpha: float = 0.5, arms=VIEW_ARMS, subset_seed: int = 0,
+              logits: torch.Tensor | None = None, profile: str = "full", device="auto",
+              ckpt_dir=None, results_dir=None, progress: bool = True) -> list[Run]:
+    """Training with crop and flip, with targets consistent with the student's view or not.
+
+    Every run trains LightNN on the same ``fraction`` of the training images (a class-balanced
+    draw from ``subset_seed``, all labelled) for each number of epochs in ``epoch_counts``.
+    Each epoch the student sees one of ``views`` fixed crop-and-flip views of every image
+    (``Recipe(views=views)``: the same views in every arm). The arms differ only in targets:
+
+    * ``ce``: the labels;
+    * ``kd``: Hinton's loss with the teacher's logits *for the view the student sees*
+      (:func:`view_logits`, computed once: consistent teaching);
+    * ``kd_inconsistent``: Hinton's loss with the teacher's logits for the unaugmented
+      image (``logits``, the result of :func:`train_logits`, or computed).
+    """
+    for a in arms:
+        if a not in VIEW_ARMS:
+            raise ValueError(f"unknown arm {a!r}; known: {', '.join(VIEW_ARMS)}")
+    if views < 1:
+        raise ValueError(f"views must be >= 1, got {views}")
+    idx = label_subset(data.train_y, fraction, subset_seed, len(data.classes))
+    subset, _ = repeat_to(data, idx, len(idx))
+    tables = {}
+
+    def teacher_table(arm):
+        if arm not in tables:
+            if arm == "kd":
+                tables[arm] = view_logits(teacher, subset, views, 0, device, ckpt_dir)
+            else:
+                clean = logits if logits is not None else train_logits(teacher, data, device, ckpt_dir)
+                tables[arm] = clean[idx.to(clean.device)].repeat(views, 1)
+        return {"logits": tables[arm]}
+
+    runs = []
+    for epochs in epoch_counts:
+        for seed in seeds:
+            recipe = Recipe(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, views=views)
+            for arm in arms:
+                params = {"fraction": fraction, "images": len(idx), "subset_seed": subset_seed}
+                kw = {}
+                step = ce_step
+                if arm != "ce":
+                    params.update(T=T, alpha=alpha)
+                    step = partial(kd_step, T=T, alpha=alpha)
+                    kw = dict(teacher=teacher.model, teacher_targets=kd_targets,
+                              teacher_key=teacher.record["run_key"])
+                model = build("lightnn", seed=seed)
+                _, ckpt, _ = run_paths(model, subset, recipe, method=arm, params=params,
+                                       teacher_key=kw.get("teacher_key"), chapter="pays",
+                                       profile=profile, ckpt_dir=ckpt_dir)
+                if kw and not is_finished(ckpt, epochs):
+                    kw["teacher_outputs"] = teacher_table(arm)
+                runs.append(fit(model, subset, recipe, method=arm, step=step, params=params,
+                                profile=profile, device=device, ckpt_dir=ckpt_dir,
+                                results_dir=results_dir, progress=progress, chapter="pays", **kw))
+    return runs
+
+
+def view_table(records, confidence: float = 0.95):
+    """Per number of epochs and arm of :func:`view_runs`: seeds, mean accuracy, the paired
+    difference to ``ce`` with its ``confidence`` interval, and the CPU minutes of its runs."""
+    import pandas as pd
+    from .results import paired_comparison
+    parts = []
+    for epochs, group in records.groupby("epochs"):
+        table = paired_comparison(group, baseline="ce", confidence=confidence)
+        table["cpu_min"] = table["method"].map(group.groupby("method")["wall_time_s"].sum() / 60)
+        parts.append(table.assign(epochs=epochs))
+    out = pd.concat(parts, ignore_index=True)
+    cols = ["epochs", "method", "seeds", "acc_mean", "acc_std", "diff_mean", "ci_low", "ci_high",
+            "significant", "cpu_min"]
+    return out[[c for c in cols if c in out]]
+
+
+def patience_table(records, confidence: float = 0.95):
+    """Per arm of :func:`view_runs`: the gain of each longer schedule over the shortest one,
+    paired by seed, with its ``confidence`` interval."""
+    import pandas as pd
+    from .results import paired_comparison
+    shortest = records["epochs"].min()
+    parts = []
+    for method, group in records.groupby("method", sort=False):
+        table = paired_comparison(group, baseline=shortest, label="epochs", confidence=confidence)
+        parts.append(table[table["epochs"] != shortest].assign(method=method, versus=shortest))
+    out = pd.concat(parts, ignore_index=True)
+    return out[["method", "versus", "epochs", "seeds", "acc_mean", "diff_mean", "ci_low",
+                "ci_high", "significant"]]
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> float:

@@ -1,6 +1,7 @@
 """The strong teacher (kdutils.airbench) and the regimes of chapter 6 (kdutils.regimes)."""
 import json
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -354,3 +355,81 @@ def test_run_with_fixed_views_resumes_on_the_same_views(dirs, tmp_path):
         kd.train.fit(kd.models.build("lightnn", seed=4), data, recipe, step=step,
                      teacher_outputs=wrong, ckpt_dir=str(tmp_path / "c"),
                      results_dir=str(tmp_path / "rc"), **kw)
+
+
+def test_view_runs_teach_the_seen_view_in_kd_and_the_plain_image_in_kd_inconsistent(dirs, monkeypatch):
+    data = _tiny(100)
+    teacher = _views_teacher(data, dirs)
+    seen = []
+
+    def recording_kd_step(model, x, y, t, **kw):
+        seen.append((x.clone(), t["logits"].clone()))
+        return kd.methods.kd_step(model, x, y, t, **kw)
+
+    ce_seen = []
+
+    def recording_ce_step(model, x, y, t):
+        ce_seen.append(x.clone())
+        return kd.methods.ce_step(model, x, y, t)
+
+    monkeypatch.setattr(regimes, "kd_step", recording_kd_step)
+    monkeypatch.setattr(regimes, "ce_step", recording_ce_step)
+    runs = regimes.view_runs(data, teacher, fraction=0.5, views=3, epoch_counts=[1, 2],
+                             seeds=[0], batch_size=25, profile="t", **dirs)
+    assert [(r.record["method"], r.record["epochs"]) for r in runs] == [
+        ("ce", 1), ("kd", 1), ("kd_inconsistent", 1), ("ce", 2), ("kd", 2), ("kd_inconsistent", 2)]
+    assert {r.record["train_size"] for r in runs} == {50}
+    assert {r.record["params"]["images"] for r in runs} == {50}
+    assert {r.record["params"]["views"] for r in runs} == {3}
+    # 2 batches per epoch: kd (1 epoch), kd_inconsistent (1), kd (2 epochs), kd_inconsistent (2)
+    assert len(seen) == 2 + 2 + 4 + 4
+    net = teacher.model.eval()
+    with torch.no_grad():
+        mismatch = [(t - net(x)).abs().max().item() for x, t in seen]
+    consistent = mismatch[:2] + mismatch[4:8]
+    inconsistent = mismatch[2:4] + mismatch[8:]
+    assert max(consistent) < 1e-4                      # the teacher's output on this very view
+    assert min(inconsistent) > 1e-2                    # not on the view the student sees...
+    idx = regimes.label_subset(data.train_y, 0.5, 0)
+    plain = regimes.train_logits(teacher, data, "cpu", dirs["ckpt_dir"])[idx]
+    rows = [(t[:, None] - plain[None]).abs().amax(2).min(1).values.max().item()
+            for _, t in seen[2:4] + seen[8:]]
+    assert max(rows) < 1e-6                            # ...but on the unaugmented image
+    # the same views in every arm: the students of ce and kd see the same batches
+    assert len(ce_seen) == 2 + 4
+    for a, b in zip(ce_seen, [x for x, _ in seen[:2] + seen[4:8]]):
+        assert torch.equal(a, b)
+    frame = kd.results.to_frame(runs)
+    table = regimes.view_table(frame)
+    assert list(zip(table.epochs, table.method)) == [(1, "ce"), (1, "kd"), (1, "kd_inconsistent"),
+                                                     (2, "ce"), (2, "kd"), (2, "kd_inconsistent")]
+    assert table.set_index(["epochs", "method"]).loc[(2, "kd"), "acc_mean"] == runs[4].record["test_acc"]
+    patience = regimes.patience_table(pd.concat([frame, frame.assign(seed=frame.seed + 1)]))
+    assert list(patience.method) == ["ce", "kd", "kd_inconsistent"]
+    for row, short, long in zip(patience.itertuples(), runs[:3], runs[3:]):
+        assert row.diff_mean == pytest.approx(long.record["test_acc"] - short.record["test_acc"])
+    with pytest.raises(ValueError, match="unknown arm"):
+        regimes.view_runs(data, teacher, fraction=0.5, views=3, epoch_counts=[1], seeds=[0],
+                          arms=("mixup",), profile="t", **dirs)
+
+
+def test_temperature_grid_pairs_each_cell_with_cross_entropy(dirs):
+    data = _tiny(100)
+    teacher = _views_teacher(data, dirs)
+    runs = regimes.temperature_grid(data, teacher, temperatures=[1.0, 4.0], alphas=[0.5, 0.9],
+                                    fraction=0.2, seeds=[0, 1], epochs=1, batch_size=20,
+                                    profile="t", **dirs)
+    assert len(runs) == 2 + 2 * 2 * 2
+    table = regimes.grid_table(kd.results.to_frame(runs))
+    assert list(zip(table["T"], table["alpha"])) == [(1.0, 0.5), (1.0, 0.9), (4.0, 0.5), (4.0, 0.9)]
+    frame = kd.results.to_frame(runs)
+    ce = frame[frame.method == "ce"].set_index("seed")["test_acc"]
+    for row in table.itertuples():
+        cell = frame[frame["params"].map(lambda p: p.get("T") == row.T and p.get("alpha") == row.alpha)]
+        diff = cell.set_index("seed")["test_acc"] - ce
+        assert row.seeds == 2
+        assert row.diff_mean == pytest.approx(diff.mean())
+        assert row.ci_low < row.diff_mean < row.ci_high or diff.std() == 0
+    with pytest.raises(ValueError, match="at least one"):
+        regimes.temperature_grid(data, teacher, temperatures=[], alphas=[0.5], fraction=0.2,
+                                 seeds=[0], epochs=1, profile="t", **dirs)
