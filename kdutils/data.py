@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -52,7 +52,6 @@ class ImageData:
     mean: tuple[float, ...] = CIFAR10_MEAN
     std: tuple[float, ...] = CIFAR10_STD
     folder: str = ""
-    info: dict = field(default_factory=dict)
     val_x: torch.Tensor | None = None  # a held-out part of the training set (see holdout)
     val_y: torch.Tensor | None = None
 
@@ -65,7 +64,7 @@ class ImageData:
         tx, ty = _stratified(self.train_x, self.train_y, train_size, len(self.classes))
         vx, vy = _stratified(self.test_x, self.test_y, test_size, len(self.classes))
         return ImageData(tx, ty, vx, vy, self.classes, self.source, self.mean, self.std,
-                         self.folder, {**self.info, "train_size": len(ty), "test_size": len(vy)})
+                         self.folder)
 
     def holdout(self, val_size: int, seed: int = 0) -> "ImageData":
         """Move ``val_size`` training images (a seeded random choice) into a validation set.
@@ -81,8 +80,7 @@ class ImageData:
         val, train = perm[:val_size].sort().values, perm[val_size:].sort().values
         return ImageData(self.train_x[train], self.train_y[train], self.test_x, self.test_y,
                          self.classes, self.source, self.mean, self.std, self.folder,
-                         {**self.info, "train_size": len(train), "val_size": val_size},
-                         self.train_x[val], self.train_y[val])
+                         val_x=self.train_x[val], val_y=self.train_y[val])
 
 
 def _stratified(x, y, size, num_classes):
@@ -504,5 +502,5 @@ def load_dataset(name: str, data_dir=None, *, image_size: int = 32, train_size: 
     classes = tuple(getattr(splits["train"], "classes", [str(i) for i in range(10)]))
     classes = tuple(c if isinstance(c, str) else c[0] for c in classes)
     data = ImageData(*tensors["train"], *tensors["test"], classes, f"torchvision-{name}",
-                     IMAGENET_MEAN, IMAGENET_STD, str(root), {"image_size": image_size})
+                     IMAGENET_MEAN, IMAGENET_STD, str(root))
     return data.subset(train_size, test_size)

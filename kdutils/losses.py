@@ -120,4 +120,3 @@ def byot_loss(exit_logits: list[torch.Tensor], exit_features: list[torch.Tensor]
                 + kd_weight * soft_target_loss(p, teacher_logits, T)
                 + feature_weight * F.mse_loss(h, target))
     return loss
-LOSSES = {"ce": ce_loss, "kd": kd_loss, "cosine": cosine_loss, "hint": hint_loss, "byot": byot_loss}

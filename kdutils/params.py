@@ -30,15 +30,15 @@ PROFILES: dict[str, dict[str, Any]] = {
 PART_ONE_PROFILES = ("full", "smoke")
 
 # What a profile sets in a given chapter, beyond PROFILES (its values replace the parameters').
-_FAST = {"epochs": 30, "teacher_epochs": 30, "batch_size": 256, "lr": 0.2, "schedule": "onecycle"}
-_CPU = {"epochs": 3, "teacher_epochs": 4, "batch_size": 64, "lr": 0.05, "schedule": "onecycle"}
-_SMOKE2 = {"batch_size": 64, "lr": 0.05, "schedule": "onecycle", "max_seeds": 1,
+PART2_FAST = {"epochs": 30, "teacher_epochs": 30, "batch_size": 256, "lr": 0.2, "schedule": "onecycle"}
+PART2_CPU = {"epochs": 3, "teacher_epochs": 4, "batch_size": 64, "lr": 0.05, "schedule": "onecycle"}
+PART2_SMOKE = {"batch_size": 64, "lr": 0.05, "schedule": "onecycle", "max_seeds": 1,
            "train_size": 320, "test_size": 200}
 CHAPTER_PROFILES: dict[str, dict[str, dict[str, Any]]] = {
-    "resnet": {"fast": _FAST, "cpu": _CPU, "smoke": _SMOKE2},
-    "selfdistill": {"fast": _FAST, "cpu": {**_CPU, "autoaugment": False, "erasing": 0.0,
+    "resnet": {"fast": PART2_FAST, "cpu": PART2_CPU, "smoke": PART2_SMOKE},
+    "selfdistill": {"fast": PART2_FAST, "cpu": {**PART2_CPU, "autoaugment": False, "erasing": 0.0,
                                            "val_size": 500},
-                    "smoke": {**_SMOKE2, "val_size": 200}},
+                    "smoke": {**PART2_SMOKE, "val_size": 200}},
     # Without a GPU (and in CI, offline) the chapter runs on CIFAR-10 at its own 32 px.
     "pretrained": {"fast": {}, "cpu": {"epochs": 5, "teacher_epochs": 3, "dataset": "cifar10",
                                        "image_size": 32},
@@ -208,7 +208,7 @@ COMMON: dict[str, Callable] = {
 }
 TEACHER = {"teacher": choice(*MODELS), "teacher_epochs": positive_int}
 # Part II: SGD recipes on ResNets, the fast path's switches.
-PART2 = {**COMMON, "profile": choice(*PROFILES), "teacher_epochs": positive_int,
+PART2_SCHEMA = {**COMMON, "profile": choice(*PROFILES), "teacher_epochs": positive_int,
          "schedule": choice(*SCHEDULES), "amp": choice("auto", "bf16", "fp16", "off"),
          "channels_last": boolean, "compile": boolean}
 
@@ -220,12 +220,12 @@ SCHEMAS: dict[str, dict[str, Callable]] = {
                "T": positive_float, "alpha": probability},
     "cosine": {**COMMON, **TEACHER, "hidden_weight": weight, "ce_weight": weight},
     "regressor": {**COMMON, **TEACHER, "hint_weight": weight, "ce_weight": weight},
-    "resnet": {**PART2, "T": positive_float, "alpha": probability},
-    "selfdistill": {**PART2, "T": positive_float, "kd_weight": weight,
+    "resnet": {**PART2_SCHEMA, "T": positive_float, "alpha": probability},
+    "selfdistill": {**PART2_SCHEMA, "T": positive_float, "kd_weight": weight,
                     "feature_weight": weight, "detach_teacher": boolean,
                     "autoaugment": boolean, "erasing": probability,
                     "hook_weight": probability, "val_size": positive_int},
-    "pretrained": {**PART2, "dataset": choice("cifar10", "stl10", "imagenette"),
+    "pretrained": {**PART2_SCHEMA, "dataset": choice("cifar10", "stl10", "imagenette"),
                    "teacher_weights": choice("imagenet", "none"), "image_size": positive_int,
                    "T": positive_float, "alpha": probability, "feature_weight": probability},
     "pays": {**COMMON, "teacher_epochs": positive_float, "T": positive_float,
@@ -241,41 +241,41 @@ SCHEMAS: dict[str, dict[str, Callable]] = {
 }
 
 # R5's recipe: Adam 1e-3, batch 128, 10 epochs, no augmentation; three seeds per method.
-_R5 = {"profile": "full", "dataset": "cifar10", "epochs": 10, "batch_size": 128, "lr": 1e-3,
+TUTORIAL_RECIPE = {"profile": "full", "dataset": "cifar10", "epochs": 10, "batch_size": 128, "lr": 1e-3,
        "seeds": [0, 1, 2], "device": "auto", "data_dir": None, "ckpt_dir": None,
        "results_dir": None, "progress": True, "teacher": "deepnn", "teacher_epochs": 10}
 
 # R1/R2's recipe: SGD 0.1 (momentum 0.9, weight decay 5e-4), batch 128, cosine over 200 epochs.
-_R2 = {"profile": "full", "dataset": "cifar10", "epochs": 200, "teacher_epochs": 200,
+RESNET_RECIPE = {"profile": "full", "dataset": "cifar10", "epochs": 200, "teacher_epochs": 200,
        "batch_size": 128, "lr": 0.1, "schedule": "cosine", "seeds": [0, 1, 2], "device": "auto",
        "amp": "auto", "channels_last": True, "compile": False, "data_dir": None,
        "ckpt_dir": None, "results_dir": None, "progress": True}
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "introduction": {"profile": "full", "dataset": "cifar10", "data_dir": None},
-    "baseline": {**_R5, "student": "lightnn"},
-    "hinton": {**_R5, "student": "lightnn", "T": 5.0, "alpha": 0.5},
-    "cosine": {**_R5, "hidden_weight": 0.3, "ce_weight": 0.7},
-    "regressor": {**_R5, "hint_weight": 0.7, "ce_weight": 0.3},
-    "resnet": {**_R2, "T": 3.0, "alpha": 0.5},
-    "selfdistill": {**_R2, "T": 4.0, "kd_weight": 0.7, "feature_weight": 0.3,
+    "baseline": {**TUTORIAL_RECIPE, "student": "lightnn"},
+    "hinton": {**TUTORIAL_RECIPE, "student": "lightnn", "T": 5.0, "alpha": 0.5},
+    "cosine": {**TUTORIAL_RECIPE, "hidden_weight": 0.3, "ce_weight": 0.7},
+    "regressor": {**TUTORIAL_RECIPE, "hint_weight": 0.7, "ce_weight": 0.3},
+    "resnet": {**RESNET_RECIPE, "T": 3.0, "alpha": 0.5},
+    "selfdistill": {**RESNET_RECIPE, "T": 4.0, "kd_weight": 0.7, "feature_weight": 0.3,
                     "detach_teacher": False, "autoaugment": True, "erasing": 0.5,
                     "hook_weight": 0.5, "val_size": 5000},
     # R4: STL10 at 224 px, an ImageNet-pretrained teacher whose head is trained 5 epochs,
     # the student 10 epochs with Adam 1e-3, batch 64.
-    "pretrained": {**_R2, "dataset": "stl10", "teacher_weights": "imagenet", "image_size": 224,
+    "pretrained": {**RESNET_RECIPE, "dataset": "stl10", "teacher_weights": "imagenet", "image_size": 224,
                    "epochs": 10, "teacher_epochs": 5, "batch_size": 64, "lr": 1e-3,
                    "schedule": "constant", "seeds": [0], "T": 2.0, "alpha": 0.7,
                    "feature_weight": 0.3},
     # When distillation pays: the airbench teacher (9.9 epochs), then R5's student recipe with
     # chapter 3's T and alpha, five seeds; the few-label runs take 3 epochs' worth of steps.
-    "pays": {**{k: v for k, v in _R5.items() if k != "teacher"}, "seeds": [0, 1, 2, 3, 4], "teacher_epochs": 9.9, "T": 5.0, "alpha": 0.5,
+    "pays": {**{k: v for k, v in TUTORIAL_RECIPE.items() if k != "teacher"}, "seeds": [0, 1, 2, 3, 4], "teacher_epochs": 9.9, "T": 5.0, "alpha": 0.5,
              "fractions": [0.01, 0.05, 0.2, 1.0], "few_label_epochs": 3,
              "grid_T": [1.0, 2.0, 5.0, 10.0], "grid_alpha": [0.25, 0.5, 0.9], "grid_fraction": 0.05,
              "view_fraction": 0.2, "views": 8, "view_epochs": [10, 40]},
     "results": {"results_dir": None},
     # Appendix "Making it fast": R5's student recipe, fp32 NCHW against the fast settings.
-    "speed": {**_R5, "student": "lightnn"},
+    "speed": {**TUTORIAL_RECIPE, "student": "lightnn"},
     # Appendix "Scale-out": 1 process against several, on a subset.
     "scaleout": {"profile": "full", "dataset": "cifar10", "epochs": 3, "batch_size": 64,
                  "processes": 2, "train_size": 4000, "data_dir": None},

@@ -1,12 +1,10 @@
 """Runs survive SIGKILL, corrupted files and two processes wanting the same teacher."""
 import json
-import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import torch
