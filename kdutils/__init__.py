@@ -3,7 +3,7 @@
 One module per concern: :mod:`~kdutils.settings` (environment, paths), :mod:`~kdutils.params`
 (chapter parameters, profiles, validation), :mod:`~kdutils.data` (datasets as tensors,
 batched augmentation), :mod:`~kdutils.models`, :mod:`~kdutils.losses`,
-:mod:`~kdutils.train` (the one loop), :mod:`~kdutils.checkpoint`, :mod:`~kdutils.teachers`
+:mod:`~kdutils.train` (the one loop), :mod:`~kdutils.speed` (precision and layout per machine), :mod:`~kdutils.checkpoint`, :mod:`~kdutils.teachers`
 (the teacher cache), :mod:`~kdutils.airbench` (the strong CIFAR-10 teacher),
 :mod:`~kdutils.regimes` (few labels, agreement, calibration), :mod:`~kdutils.results` (run records, tables), :mod:`~kdutils.plots`, :mod:`~kdutils.dist` (several processes)
 and :mod:`~kdutils.recipes` (the chapters' recipes from the command line).
@@ -18,7 +18,7 @@ with _warnings.catch_warnings():
     import tqdm.auto  # noqa: F401
 
 from . import (airbench, checkpoint, data, dist, losses, methods, models, params,  # noqa: F401
-               plots, recipes, regimes, results, settings, teachers, train)
+               plots, recipes, regimes, results, settings, speed, teachers, train)
 from .plots import show_code  # noqa: F401
 
 __version__ = "0.1.0"

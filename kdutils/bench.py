@@ -8,13 +8,16 @@ forward and backward, optimiser) in two styles:
 
 * ``reference``: a torchvision ``DataLoader`` over PIL images with per-sample transforms,
   fp32, NCHW, the teacher in fp32 run at every step (as the R notebooks do);
-* ``kdutils``: batches cut from uint8 tensors on the device and augmented there, the memory
-  layout the loop uses on the device (channels_last on a GPU, NCHW on the CPU),
-  autocast where it pays (CUDA), the teacher in inference mode (and its outputs precomputed
-  when nothing is augmented, as the chapters do).
+* ``kdutils``: batches cut from uint8 tensors on the device and augmented there, in the
+  precision and memory layout the loop picks on the device (:meth:`kdutils.speed.Speed.resolve`:
+  bf16 and channels_last on a recent GPU; on a CPU, the fastest admissible setting, timed on
+  the spot), the teacher in inference mode (and its outputs precomputed when nothing is
+  augmented, as the chapters do).
 
-It prints images/s of the step (median over repeats, warm-up excluded), the ratio, the data
-pipeline alone, and peak memory.
+It prints images/s of the step (median over repeats, warm-up excluded), the ratio, the
+setting the loop picked, the data pipeline alone, and peak memory. ``--out`` defaults to
+``results/bench/<device kind>.json`` (``cpu-avx2``, ``cpu-avx512``, ``cuda-<gpu>``): one file per
+machine type.
 """
 from __future__ import annotations
 
@@ -29,10 +32,11 @@ from functools import partial
 import torch
 
 from . import data as D
-from . import methods
+from . import methods, settings
 from .losses import byot_loss
 from .models import build
 from .results import device_name
+from .speed import setting_name
 from .train import Recipe, Speed, _optimizer, pick_device, precompute_teacher
 
 
@@ -124,8 +128,7 @@ def bench_setup(name: str, images, labels, *, device, batch_size, warmup, steps,
     n_needed = batch_size * (warmup + steps * repeats + 1)
     x, y = images[:n_needed], labels[:n_needed]
     mean, std = D.CIFAR10_MEAN, D.CIFAR10_STD
-    row = {"setup": name, "device": str(device), "batch": batch_size,
-           "kdutils layout": "channels_last" if Speed().layout(device) else "NCHW"}
+    row = {"setup": name, "device": str(device), "batch": batch_size}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -152,15 +155,21 @@ def bench_setup(name: str, images, labels, *, device, batch_size, warmup, steps,
     row["reference data img/s"] = _time_steps(lambda b: None, loader, device, 1, steps, repeats, batch_size)
 
     # --- kdutils style ----------------------------------------------------------------
-    use_cl = Speed().layout(device)  # the layout fit() uses on this device
+    student = build(setup.student, seed=0)
+    chosen = Speed(amp="auto" if amp else "off").resolve(student, device, batch_size)  # as fit() does
+    use_cl, amp_dtype = chosen["channels_last"], chosen["amp"]
+    row["kdutils setting"] = setting_name(amp_dtype, use_cl) if device.type == "cpu" else \
+        f"{str(amp_dtype).replace('torch.', '') if amp_dtype else 'fp32'} {'channels_last' if use_cl else 'NCHW'}"
+    if chosen["choice"] and "seconds" in chosen["choice"]:
+        row["choosing (s)"] = chosen["choice"]["seconds"]
     cl = torch.channels_last if use_cl else torch.contiguous_format
-    student = build(setup.student, seed=0).to(device, memory_format=cl).train()
+    student = student.to(device, memory_format=cl).train()
     teacher = build(setup.teacher, seed=1).to(device, memory_format=cl).eval() if setup.teacher else None
     step, opt = _step_and_optimizer(setup, student)
     tl = D.TensorLoader(x, y, batch_size, shuffle=True, augment=setup.augment, device=device,
                         drop_last=True, channels_last=use_cl, autoaugment=setup.r1_augment,
                         erasing=0.5 if setup.r1_augment else 0.0)
-    use_amp = amp and device.type == "cuda"
+    use_amp = amp_dtype is not None
     precomputed = None
     if teacher is not None and not setup.augment:  # exact: the teacher sees the same tensors every epoch
         images = D.ImageData(x, y, x[:1], y[:1], D.CIFAR10_CLASSES, "bench")
@@ -172,10 +181,10 @@ def bench_setup(name: str, images, labels, *, device, batch_size, warmup, steps,
         if precomputed is not None:
             t = {"logits": precomputed[idx]}
         elif teacher is not None:
-            with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
+            with torch.inference_mode(), torch.autocast(device.type, amp_dtype or torch.float32, enabled=use_amp):
                 logits = teacher(xb).float()
             t = {"logits": logits.clone()}  # leave inference mode: the loss keeps it for backward
-        with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
+        with torch.autocast(device.type, amp_dtype or torch.float32, enabled=use_amp):
             loss = step(student, xb, yb, t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -190,6 +199,15 @@ def bench_setup(name: str, images, labels, *, device, batch_size, warmup, steps,
     return row
 
 
+def device_kind(device: torch.device) -> str:
+    """A file name for the kind of machine: ``cpu-avx2``, ``cpu-avx512``, ``cuda-nvidia-l4``..."""
+    if device.type == "cuda":
+        return "cuda-" + torch.cuda.get_device_name(device).lower().replace(" ", "-")
+    if device.type == "cpu":
+        return "cpu-" + torch.backends.cpu.get_cpu_capability().lower().replace(" ", "-")
+    return device.type
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m kdutils.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
@@ -199,10 +217,11 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference style")
-    ap.add_argument("--no-amp", action="store_true", help="no autocast on CUDA")
+    ap.add_argument("--no-amp", action="store_true", help="no autocast (fp32 on every device)")
     ap.add_argument("--synthetic", action="store_true", help="random images instead of CIFAR-10")
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--out", default=None, help="also write the table and its context to this JSON file")
+    ap.add_argument("--out", default=None, help="write the table and its context to this JSON file "
+                    "(default: results/bench/<device kind>.json; '-': none)")
     args = ap.parse_args(argv)
     for name in ("batch_size", "repeats"):
         if getattr(args, name) < 1:
@@ -225,19 +244,21 @@ def main(argv=None):
                                 warmup=args.warmup, steps=steps, repeats=args.repeats,
                                 workers=args.workers, amp=not args.no_amp))
         print(f"{name}: reference {rows[-1]['reference img/s']:.0f} img/s, kdutils "
-              f"{rows[-1]['kdutils img/s']:.0f} img/s ({rows[-1]['speed-up']:.2f}x)", flush=True)
+              f"{rows[-1]['kdutils img/s']:.0f} img/s ({rows[-1]['speed-up']:.2f}x) in "
+              f"{rows[-1]['kdutils setting']}", flush=True)
     table = pd.DataFrame(rows)
     context = (f"device: {device_name(device)} | data: {source} | batch {args.batch_size} | "
                f"{steps} steps x {args.repeats} repeats after {args.warmup} warm-up | "
                f"{args.workers} DataLoader workers | torch {torch.__version__}")
     print("\n" + context)
     print(table.round(2).to_string(index=False))
-    if args.out:
+    out = args.out or (settings.results_dir() / "bench" / f"{device_kind(device)}.json")
+    if out != "-":
         import datetime as dt
         import json
         from pathlib import Path
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps({
             "command": "python -m kdutils.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
             "context": context, "device": device_name(device), "torch_version": torch.__version__,
             "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

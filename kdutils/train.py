@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +22,8 @@ from . import settings
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint, load_state_dict_strict
 from .data import FixedViews, ImageData, loaders, normalize
 from .results import make_record, write_record
+from .speed import (Speed, choose_layout, choose_precision,  # noqa: F401 (re-exported)
+                    cuda_native_bf16)
 
 Step = Callable[[nn.Module, torch.Tensor, torch.Tensor, dict | None], torch.Tensor]
 TeacherTargets = Callable[[nn.Module, torch.Tensor], dict]
@@ -91,59 +92,6 @@ SCHEDULES = ("constant", "cosine", "onecycle")
 OPTIONAL_RECIPE_FIELDS = {"autoaugment": False, "erasing": 0.0, "views": 0, "view_seed": 0}
 
 
-@dataclass(frozen=True)
-class Speed:
-    """How fast a run trains; none of it is part of the recipe (appendix "Making it fast").
-
-    ``channels_last``: NHWC memory layout for convolutions; ``None`` (default) = on a CUDA
-    GPU only: on the CPU it trained LightNN 0.64 points worse over three seeds (paired, 95%
-    interval [-1.12, -0.15]; the appendix's measurement), more than the 0.5 points allowed.
-    ``amp``: autocast precision, ``"auto"`` = bf16 on a CUDA GPU that has it, else fp16 with a
-    gradient scaler, off on the CPU (bf16 on a CPU without AMX/AVX512-BF16 is many times
-    slower than fp32). ``compile``: ``torch.compile`` the student (pays off from a few epochs
-    on, on a GPU).
-    """
-
-    channels_last: bool | None = None
-    amp: str = "auto"                # "auto" | "bf16" | "fp16" | "off"
-    compile: bool = False
-
-    def layout(self, device: torch.device) -> bool:
-        """Whether to use channels_last on ``device``."""
-        return choose_layout(self.channels_last, device.type)
-
-    def precision(self, device: torch.device) -> torch.dtype | None:
-        native_bf16 = device.type == "cuda" and cuda_native_bf16(torch.cuda.get_device_capability(device))
-        return choose_precision(self.amp, device.type, native_bf16)
-
-
-AMP_CHOICES = ("auto", "bf16", "fp16", "off")
-
-
-def cuda_native_bf16(capability: tuple[int, int]) -> bool:
-    """Whether a CUDA GPU of compute ``capability`` computes in bf16 natively: Ampere and later
-    (A100 8.0, A10/RTX 30 8.6, L4 8.9, H100 9.0); not a T4 (7.5) or a V100 (7.0)."""
-    return tuple(capability) >= (8, 0)
-
-
-def choose_precision(amp: str, device_type: str, native_bf16: bool) -> torch.dtype | None:
-    """The autocast dtype for ``amp`` on a device of ``device_type``. ``"auto"``: bf16 on a
-    CUDA GPU with native bf16, fp16 (with a gradient scaler) on an older one, off elsewhere.
-    An explicit ``"bf16"`` or ``"fp16"`` is obeyed on any device."""
-    if amp not in AMP_CHOICES:
-        raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or 'off', got {amp!r}")
-    if amp == "off" or (amp == "auto" and device_type != "cuda"):
-        return None
-    if amp == "fp16" or (amp == "auto" and not native_bf16):
-        return torch.float16
-    return torch.bfloat16
-
-
-def choose_layout(channels_last: bool | None, device_type: str) -> bool:
-    """channels_last if asked for; by default (``None``) on a CUDA GPU only."""
-    return device_type == "cuda" if channels_last is None else channels_last
-
-
 @dataclass
 class Run:
     """What :func:`fit` returns: the trained model, its run record and where it is stored."""
@@ -153,7 +101,6 @@ class Run:
     checkpoint: Path
     record_path: Path | None = None
     resumed_from_epoch: int = 0
-    extras: dict = field(default_factory=dict)
 
     @property
     def history(self):
@@ -345,7 +292,7 @@ def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, meth
     if teacher is not None and teacher_targets is None:
         raise ValueError("a teacher was given without teacher_targets (what the loss needs from it)")
     dev = pick_device(dist.device_for(str(device), w))
-    amp = speed.precision(dev)
+    speed.precision(dev)  # an unknown amp is refused before anything else
     params = dict(params or {})
     key, ckpt, record_path = run_paths(model, data, recipe, chapter=chapter, method=method,
                                        params=params, profile=profile, teacher_key=teacher_key,
@@ -355,7 +302,12 @@ def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, meth
     for folder in ((ckpt.parent, out_dir) if write else (ckpt.parent,)) if w.main else ():
         _check_writable(folder)
 
-    cl = speed.layout(dev)
+    # precision and layout: on a CPU measured once per machine, model and batch size (cached),
+    # unless the run is finished (then it is only reloaded) or spread over processes
+    setting = speed.resolve(model, dev, recipe.batch_size, data.train_x.shape[-1],
+                            cache=settings.ckpt_dir(ckpt_dir) / "speed" / "cpu_choices.json",
+                            measure=not w.distributed and not is_finished(ckpt, recipe.epochs))
+    amp, cl = setting["amp"], setting["channels_last"]
     fmt = torch.channels_last if cl else torch.contiguous_format
     model.to(dev, memory_format=fmt)
     if teacher is not None:
@@ -456,6 +408,8 @@ def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, meth
     extra = {"speed": {"channels_last": cl,
                        "amp": str(amp).replace("torch.", "") if amp else "off",
                        "compile": speed.compile}}
+    if setting["choice"] is not None:
+        extra["speed"]["choice"] = setting["choice"]
     if w.distributed:
         extra["processes"] = w.size
     if "exit_acc" in history[-1]:

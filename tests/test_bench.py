@@ -18,6 +18,19 @@ def test_bench_runs_every_setup_and_reports_both_styles(capsys, tmp_path):
         assert (table[col] > 0).all(), col
     assert ((table["speed-up"] - table["kdutils img/s"] / table["reference img/s"]).abs() < 1e-9).all()
     assert "speed-up" in capsys.readouterr().out
+    # the kdutils side runs in the setting the loop would pick on this CPU, and says which
+    assert all(r["kdutils setting"] in ("fp32 NCHW", "fp32 channels_last", "bf16 NCHW",
+                                        "bf16 channels_last") for r in saved["rows"])
+    fixed = bench.main(["--synthetic", "--batch-size", "8", "--steps", "1", "--repeats", "1",
+                        "--warmup", "1", "--workers", "0", "--device", "cpu", "--no-amp",
+                        "--setups", "lightnn_ce", "--out", "-"])
+    assert fixed["kdutils setting"].iloc[0].startswith("fp32")
+
+
+def test_bench_names_its_file_by_the_kind_of_machine():
+    import torch
+    kind = bench.device_kind(torch.device("cpu"))
+    assert kind == "cpu-" + torch.backends.cpu.get_cpu_capability().lower()
 
 
 def test_bench_refuses_bad_sizes():

@@ -105,7 +105,11 @@ def test_multi_exit_run_records_every_exit(dirs):
     assert len(run.record["exit_acc"]) == 4
     assert run.record["test_acc"] == run.record["exit_acc"][-1]
     assert 0 <= run.record["ensemble_acc"] <= 100
-    assert run.record["speed"] == {"channels_last": False, "amp": "off", "compile": False}  # CPU defaults
+    speed = run.record["speed"]
+    assert speed["amp"] == "off" and speed["compile"] is False   # fp32 unless the CPU has bf16
+    assert speed["choice"]["by"] == "measured"                     # ... and the layout measured
+    assert {"fp32 NCHW", "fp32 channels_last"} <= set(speed["choice"]["rates"])
+    assert speed["channels_last"] == speed["choice"]["setting"].endswith("channels_last")
 
 
 # ---- held-out selection ---------------------------------------------------------------------
@@ -180,8 +184,9 @@ def test_auto_augment_is_per_image_and_reproducible():
 
 def test_speed_precision_choices():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # before any measurement (a CPU run then times what is left to choose)
     assert not Speed().layout(cpu) and Speed().layout(cuda) and Speed(channels_last=True).layout(cpu)
-    assert Speed().precision(cpu) is None  # bf16 on a CPU without AMX is slower, never by default
+    assert Speed().precision(cpu) is None
     assert Speed(amp="bf16").precision(cpu) is torch.bfloat16
     assert Speed(amp="off").precision(cuda) is None
     assert Speed(amp="fp16").precision(cuda) is torch.float16

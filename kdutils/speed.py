@@ -1,0 +1,234 @@
+"""How fast a run trains on the hardware it has (appendix "Making it fast").
+
+:class:`Speed` holds a run's switches: autocast precision, memory layout, ``torch.compile``.
+None of them is part of the recipe or the run's key. Left at ``"auto"``/``None``:
+
+* on a CUDA GPU, bf16 where the GPU computes it natively (:func:`cuda_native_bf16`), fp16 with a
+  gradient scaler before that, and channels_last;
+* on a CPU, :func:`choose_cpu_setting` times a few training steps of the run's own model in
+  each admissible setting (fp32 or bf16, NCHW or channels_last; bf16 only where the CPU has
+  native bf16, :func:`cpu_native_bf16`) and keeps the fastest. The choice is cached per
+  machine, model and batch size, and written into the run record with the measured rates.
+
+Every decision is a function of the device's properties, so that it is tested on any machine.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+
+
+def cuda_native_bf16(capability: tuple[int, int]) -> bool:
+    """Whether a CUDA GPU of compute ``capability`` computes in bf16 natively: Ampere and later
+    (A100 8.0, A10/RTX 30 8.6, L4 8.9, H100 9.0); not a T4 (7.5) or a V100 (7.0)."""
+    return tuple(capability) >= (8, 0)
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty where it cannot be read)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_native_bf16(flags: set[str]) -> bool:
+    """Whether a CPU with these feature flags computes in bf16 natively (AVX512-BF16 or AMX).
+    Without them PyTorch emulates bf16, many times slower than fp32."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+def choose_precision(amp: str, device_type: str, native_bf16: bool) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` on a device of ``device_type``, before any measurement.
+    ``"auto"``: bf16 on a CUDA GPU with native bf16, fp16 (with a gradient scaler) on an older
+    one, off elsewhere (on a CPU, :func:`choose_cpu_setting` may then pick bf16 where it is
+    faster). An explicit ``"bf16"`` or ``"fp16"`` is obeyed on any device."""
+    if amp not in AMP_CHOICES:
+        raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or 'off', got {amp!r}")
+    if amp == "off" or (amp == "auto" and device_type != "cuda"):
+        return None
+    if amp == "fp16" or (amp == "auto" and not native_bf16):
+        return torch.float16
+    return torch.bfloat16
+
+
+def choose_layout(channels_last: bool | None, device_type: str) -> bool:
+    """channels_last if asked for; by default (``None``) on a CUDA GPU only (on a CPU,
+    :func:`choose_cpu_setting` may then pick it where it is faster)."""
+    return device_type == "cuda" if channels_last is None else channels_last
+
+
+# Settings that changed accuracy on the CPU, by network: (architecture, setting name) -> why.
+# The chooser never picks them. A setting enters here when a paired comparison over at least
+# five seeds puts the whole 95% interval more than half a point from zero (appendix
+# "Making it fast" shows the measurements).
+ACCURACY_EXCLUDED: dict[tuple[str, str], str] = {}
+
+
+def setting_name(dtype: torch.dtype | None, channels_last: bool) -> str:
+    """``"fp32 NCHW"``, ``"bf16 channels_last"``, ..."""
+    return f"{'bf16' if dtype == torch.bfloat16 else 'fp32'} {'channels_last' if channels_last else 'NCHW'}"
+
+
+def cpu_candidates(amp: str, channels_last: bool | None, native_bf16: bool,
+                   arch: str = "") -> list[tuple[torch.dtype | None, bool]]:
+    """The CPU settings worth timing: fp32 and, with native bf16, bf16 (unless ``amp`` fixes
+    the precision); NCHW and channels_last (unless ``channels_last`` fixes the layout); minus
+    those :data:`ACCURACY_EXCLUDED` for ``arch``."""
+    if amp == "auto":
+        dtypes = [None, torch.bfloat16] if native_bf16 else [None]
+    else:
+        dtypes = [choose_precision(amp, "cpu", native_bf16)]
+    layouts = [False, True] if channels_last is None else [channels_last]
+    out = [(d, cl) for d in dtypes for cl in layouts
+           if (arch, setting_name(d, cl)) not in ACCURACY_EXCLUDED]
+    return out or [(dtypes[0], layouts[0])]
+
+
+def pick_fastest(rates: dict[str, float]) -> str:
+    """The setting with the highest rate; between equal rates, the first (fp32 NCHW first)."""
+    if not rates:
+        raise ValueError("no setting was timed")
+    return max(rates, key=lambda k: (rates[k], -list(rates).index(k)))
+
+
+def step_rate(model: nn.Module, batch_size: int, image_size: int, dtype: torch.dtype | None,
+              channels_last: bool, steps: int = 3, warmup: int = 1) -> float:
+    """Training images per second of ``steps`` SGD steps (after ``warmup``) on random images,
+    for a copy of ``model`` on the CPU in the given precision and layout. The model itself is
+    not touched."""
+    m = copy.deepcopy(model).cpu().train()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    m = m.to(memory_format=fmt)
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, 3, image_size, image_size, generator=g).contiguous(memory_format=fmt)
+
+    def one_step():
+        with torch.autocast("cpu", dtype or torch.float32, enabled=dtype is not None):
+            out = m(x)
+        out = out[0] if isinstance(out, tuple) else out
+        logits = out if isinstance(out, list) else [out]
+        y = torch.zeros(batch_size, dtype=torch.long)
+        loss = sum(F.cross_entropy(o.float(), y) for o in logits)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        one_step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        one_step()
+    return batch_size * steps / (time.perf_counter() - t0)
+
+
+def machine_id() -> str:
+    """What a cached choice is valid for: CPU model, kernel capability, threads, torch."""
+    from .results import cpu_model
+    return (f"{cpu_model()} | {torch.backends.cpu.get_cpu_capability()} | "
+            f"{torch.get_num_threads()} threads | torch {torch.__version__}")
+
+
+def choose_cpu_setting(model: nn.Module, batch_size: int, image_size: int = 32, *,
+                       amp: str = "auto", channels_last: bool | None = None,
+                       flags: set[str] | None = None, cache: str | Path | None = None,
+                       steps: int = 3) -> dict:
+    """The fastest admissible CPU setting for training ``model`` at ``batch_size``.
+
+    Returns ``{"amp": dtype or None, "channels_last": bool, "choice": dict}``; ``choice`` (for
+    the run record) names the setting, how it was chosen (``"measured"``, ``"cached"`` or
+    ``"only one admissible"``), the rate of every timed setting in images/s and the seconds
+    the timing took. ``cache`` is a JSON file that keeps choices per machine, model and
+    batch size.
+    """
+    flags = cpu_flags() if flags is None else flags
+    arch = getattr(model, "arch", type(model).__name__)
+    candidates = cpu_candidates(amp, channels_last, cpu_native_bf16(flags), arch)
+    names = [setting_name(d, cl) for d, cl in candidates]
+    by_name = dict(zip(names, candidates))
+    if len(candidates) == 1:
+        d, cl = candidates[0]
+        return {"amp": d, "channels_last": cl,
+                "choice": {"setting": names[0], "by": "only one admissible"}}
+    n_params = sum(p.numel() for p in model.parameters())
+    key = f"{machine_id()} | {arch} ({n_params} parameters) | batch {batch_size} | {image_size} px | {', '.join(names)}"
+    store = {}
+    cache = Path(cache) if cache else None
+    if cache is not None and cache.is_file():
+        try:
+            store = json.loads(cache.read_text())
+        except ValueError:
+            store = {}
+    if key in store:
+        hit = store[key]
+        d, cl = by_name[hit["setting"]]
+        return {"amp": d, "channels_last": cl, "choice": {**hit, "by": "cached"}}
+    t0 = time.perf_counter()
+    rates = {name: step_rate(model, batch_size, image_size, d, cl, steps=steps)
+             for name, (d, cl) in by_name.items()}
+    best = pick_fastest(rates)
+    choice = {"setting": best, "by": "measured", "rates": {k: round(v, 1) for k, v in rates.items()},
+              "seconds": round(time.perf_counter() - t0, 2)}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        store[key] = choice
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(store, indent=1))
+        tmp.replace(cache)
+    d, cl = by_name[best]
+    return {"amp": d, "channels_last": cl, "choice": choice}
+
+
+@dataclass(frozen=True)
+class Speed:
+    """How fast a run trains; none of it is part of the recipe (appendix "Making it fast").
+
+    ``channels_last``: NHWC memory layout for convolutions; ``None`` (default): on a CUDA GPU,
+    and on a CPU where it measures faster. ``amp``: autocast precision; ``"auto"`` (default):
+    bf16 on a CUDA GPU that computes it natively, else fp16 with a gradient scaler; on a CPU,
+    bf16 only where the CPU computes it natively and it measures faster. Explicit values are
+    obeyed. ``compile``: ``torch.compile`` the student (pays off from a few epochs on, on a
+    GPU).
+    """
+
+    channels_last: bool | None = None
+    amp: str = "auto"                # "auto" | "bf16" | "fp16" | "off"
+    compile: bool = False
+
+    def layout(self, device: torch.device) -> bool:
+        """Whether to use channels_last on ``device``, before any measurement."""
+        return choose_layout(self.channels_last, device.type)
+
+    def precision(self, device: torch.device) -> torch.dtype | None:
+        """The autocast dtype on ``device``, before any measurement."""
+        native_bf16 = (self.amp == "auto" and device.type == "cuda"
+                       and cuda_native_bf16(torch.cuda.get_device_capability(device)))
+        return choose_precision(self.amp, device.type, native_bf16)
+
+    def resolve(self, model: nn.Module, device: torch.device, batch_size: int,
+                image_size: int = 32, cache: str | Path | None = None,
+                measure: bool = True) -> dict:
+        """The precision and layout a run uses: ``{"amp", "channels_last", "choice"}``. On a
+        CPU with anything left to ``auto``/``None`` (and ``measure``), chosen by
+        :func:`choose_cpu_setting`; elsewhere by the rules above (``choice`` is None)."""
+        self.precision(device)  # refuses an unknown amp early, on any device
+        if device.type == "cpu" and measure and (self.amp == "auto" or self.channels_last is None):
+            return choose_cpu_setting(model, batch_size, image_size, amp=self.amp,
+                                      channels_last=self.channels_last, cache=cache)
+        return {"amp": self.precision(device), "channels_last": self.layout(device), "choice": None}

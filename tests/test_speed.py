@@ -1,0 +1,121 @@
+"""The CPU speed chooser (kdutils.speed): what it may pick, how it picks, what it records.
+Timings are replaced by fixed rates wherever a decision is checked, so no test depends on
+the CPU it runs on."""
+import math
+
+import pytest
+import torch
+
+import kdutils as kd
+from kdutils import speed as sp
+from kdutils.data import ImageData
+from kdutils.train import Recipe, Speed
+
+
+def _tiny(n_train=48, n_test=16):
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n_train + n_test) % 10
+    x = torch.randint(0, 256, (n_train + n_test, 3, 32, 32), dtype=torch.uint8, generator=g)
+    return ImageData(x[:n_train], y[:n_train], x[n_train:], y[n_train:], kd.data.CIFAR10_CLASSES,
+                     "synthetic")
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    return dict(ckpt_dir=str(tmp_path / "ck"), results_dir=str(tmp_path / "res"), progress=False)
+
+
+def _fake_rates(table, calls):
+    def rate(model, batch_size, image_size, dtype, channels_last, steps=3, warmup=1):
+        name = sp.setting_name(dtype, channels_last)
+        calls.append(name)
+        return table[name]
+    return rate
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    info = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile\n"
+    assert sp.cpu_flags(info) == {"fpu", "sse", "avx2", "avx512f", "avx512_bf16", "amx_tile"}
+    assert sp.cpu_native_bf16({"avx2", "avx512_bf16"}) and sp.cpu_native_bf16({"amx_bf16"})
+    assert not sp.cpu_native_bf16({"avx2", "avx512f", "avx512_vnni"})
+    assert sp.cpu_flags("no flags here") == set()
+
+
+def test_candidates_follow_the_hardware_and_the_explicit_settings(monkeypatch):
+    fp32, bf16 = None, torch.bfloat16
+    assert sp.cpu_candidates("auto", None, native_bf16=False) == [(fp32, False), (fp32, True)]
+    assert sp.cpu_candidates("auto", None, native_bf16=True) == [
+        (fp32, False), (fp32, True), (bf16, False), (bf16, True)]
+    assert sp.cpu_candidates("off", None, native_bf16=True) == [(fp32, False), (fp32, True)]
+    assert sp.cpu_candidates("auto", False, native_bf16=True) == [(fp32, False), (bf16, False)]
+    assert sp.cpu_candidates("bf16", True, native_bf16=False) == [(bf16, True)]  # asked for: obeyed
+    monkeypatch.setitem(sp.ACCURACY_EXCLUDED, ("lightnn", "fp32 channels_last"), "measured cost")
+    assert sp.cpu_candidates("auto", None, False, arch="lightnn") == [(fp32, False)]
+    assert sp.cpu_candidates("auto", None, False, arch="deepnn") == [(fp32, False), (fp32, True)]
+
+
+def test_fastest_setting_wins_and_a_tie_keeps_the_first():
+    assert sp.pick_fastest({"fp32 NCHW": 100.0, "fp32 channels_last": 180.0}) == "fp32 channels_last"
+    assert sp.pick_fastest({"fp32 NCHW": 100.0, "bf16 NCHW": 100.0}) == "fp32 NCHW"
+    with pytest.raises(ValueError):
+        sp.pick_fastest({})
+
+
+def test_choice_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sp, "step_rate", _fake_rates(
+        {"fp32 NCHW": 100.0, "fp32 channels_last": 150.0, "bf16 NCHW": 300.0,
+         "bf16 channels_last": 250.0}, calls))
+    net = kd.models.build("lightnn", seed=0)
+    cache = tmp_path / "choices.json"
+    first = sp.choose_cpu_setting(net, 64, flags={"avx512_bf16"}, cache=cache)
+    assert (first["amp"], first["channels_last"]) == (torch.bfloat16, False)
+    assert first["choice"]["by"] == "measured" and first["choice"]["setting"] == "bf16 NCHW"
+    assert first["choice"]["rates"]["fp32 channels_last"] == 150.0 and len(calls) == 4
+    again = sp.choose_cpu_setting(net, 64, flags={"avx512_bf16"}, cache=cache)
+    assert again["choice"]["by"] == "cached" and again["choice"]["setting"] == "bf16 NCHW"
+    assert len(calls) == 4                                   # nothing timed the second time
+    sp.choose_cpu_setting(net, 128, flags={"avx512_bf16"}, cache=cache)
+    assert len(calls) == 8                                   # another batch size: timed again
+    without_bf16 = sp.choose_cpu_setting(net, 64, flags={"avx2"}, cache=cache)
+    assert without_bf16["choice"]["setting"] == "fp32 channels_last" and len(calls) == 10
+    only = sp.choose_cpu_setting(net, 64, amp="off", channels_last=False, flags={"avx2"}, cache=cache)
+    assert only["choice"] == {"setting": "fp32 NCHW", "by": "only one admissible"} and len(calls) == 10
+
+
+def test_step_rate_times_a_copy_and_leaves_the_model_alone():
+    net = kd.models.build("lightnn", seed=0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rate = sp.step_rate(net, 8, 32, None, True, steps=1, warmup=1)
+    assert math.isfinite(rate) and rate > 0
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]) and v.is_contiguous(), k
+
+
+def test_fit_on_the_cpu_uses_and_records_the_measured_choice(dirs, monkeypatch):
+    calls, layouts = [], []
+    monkeypatch.setattr(sp, "step_rate", _fake_rates(
+        {"fp32 NCHW": 100.0, "fp32 channels_last": 120.0, "bf16 NCHW": 10.0,
+         "bf16 channels_last": 12.0}, calls))
+
+    def step(model, x, y, t):
+        layouts.append(x.is_contiguous(memory_format=torch.channels_last))
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+    run = kd.train.fit(kd.models.build("lightnn", seed=0), _tiny(), Recipe(epochs=1, batch_size=16),
+                       chapter="t", method="ce", step=step, **dirs)
+    assert all(layouts) and run.record["speed"]["channels_last"] is True
+    assert run.record["speed"]["amp"] == "off"
+    choice = run.record["speed"]["choice"]
+    assert choice["setting"] == "fp32 channels_last" and choice["by"] == "measured"
+    assert choice["rates"]["fp32 NCHW"] == 100.0
+    # a finished run is only reloaded: nothing is timed again
+    n = len(calls)
+    kd.train.fit(kd.models.build("lightnn", seed=0), _tiny(), Recipe(epochs=1, batch_size=16),
+                 chapter="t", method="ce", step=step, **dirs)
+    assert len(calls) == n
+    # explicit settings win: nothing is timed, nothing recorded as chosen
+    fixed = kd.train.fit(kd.models.build("lightnn", seed=1), _tiny(), Recipe(epochs=1, batch_size=16, seed=1),
+                         chapter="t", method="ce", speed=Speed(channels_last=False, amp="off"), **dirs)
+    assert len(calls) == n and "choice" not in fixed.record["speed"]
+    assert fixed.record["speed"]["channels_last"] is False
