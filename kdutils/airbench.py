@@ -253,7 +253,8 @@ def train_airbench(data: ImageData, recipe: AirbenchRecipe = AirbenchRecipe(), *
     test-time augmentation (``tta_level``), ``test_acc_plain`` the one without, and the
     history holds the plain test accuracy after every epoch with the seconds it took.
     ``speed`` (a :class:`kdutils.speed.Speed`; default ``Speed()``) chooses the precision and
-    memory layout as :func:`kdutils.train.fit` does, measured on a CPU: speed, not the recipe.
+    memory layout as :func:`kdutils.train.fit` does (measured on a CPU with ``measure=True``):
+    speed, not the recipe.
     """
     from .speed import Speed
     from .train import Run, TrainingDiverged, is_finished, pick_device
@@ -266,7 +267,7 @@ def train_airbench(data: ImageData, recipe: AirbenchRecipe = AirbenchRecipe(), *
     n_batches = len(data.train_y) // recipe.batch_size
     setting = speed.resolve(net, dev, recipe.batch_size, data.train_x.shape[-1],
                             cache=settings.ckpt_dir(ckpt_dir) / "speed" / "cpu_choices.json",
-                            measure=n_batches > 0 and not is_finished(
+                            measure=speed.measure and n_batches > 0 and not is_finished(
                                 ckpt, math.ceil(math.ceil(n_batches * recipe.epochs) / n_batches)))
     amp, cl = setting["amp"], setting["channels_last"]
     fmt = torch.channels_last if cl else torch.contiguous_format

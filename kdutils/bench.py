@@ -9,9 +9,9 @@ forward and backward, optimiser) in two styles:
 * ``reference``: a torchvision ``DataLoader`` over PIL images with per-sample transforms,
   fp32, NCHW, the teacher in fp32 run at every step (as the R notebooks do);
 * ``kdutils``: batches cut from uint8 tensors on the device and augmented there, in the
-  precision and memory layout the loop picks on the device (:meth:`kdutils.speed.Speed.resolve`:
-  bf16 and channels_last on a recent GPU; on a CPU, the fastest admissible setting, timed on
-  the spot), the teacher in inference mode (and its outputs precomputed when nothing is
+  precision and memory layout the loop would pick with ``Speed(measure=True)``
+  (:meth:`kdutils.speed.Speed.resolve`: bf16 and channels_last on a recent GPU; on a CPU, the
+  fastest admissible setting, timed on the spot), the teacher in inference mode (and its outputs precomputed when nothing is
   augmented, as the chapters do).
 
 It prints images/s of the step (median over repeats, warm-up excluded), the ratio, the
@@ -156,7 +156,7 @@ def bench_setup(name: str, images, labels, *, device, batch_size, warmup, steps,
 
     # --- kdutils style ----------------------------------------------------------------
     student = build(setup.student, seed=0)
-    chosen = Speed(amp="auto" if amp else "off").resolve(student, device, batch_size)  # as fit() does
+    chosen = Speed(amp="auto" if amp else "off", measure=True).resolve(student, device, batch_size)
     use_cl, amp_dtype = chosen["channels_last"], chosen["amp"]
     row["kdutils setting"] = setting_name(amp_dtype, use_cl) if device.type == "cpu" else \
         f"{str(amp_dtype).replace('torch.', '') if amp_dtype else 'fp32'} {'channels_last' if use_cl else 'NCHW'}"

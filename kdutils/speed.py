@@ -5,10 +5,14 @@ None of them is part of the recipe or the run's key. Left at ``"auto"``/``None``
 
 * on a CUDA GPU, bf16 where the GPU computes it natively (:func:`cuda_native_bf16`), fp16 with a
   gradient scaler before that, and channels_last;
-* on a CPU, :func:`choose_cpu_setting` times a few training steps of the run's own model in
-  each admissible setting (fp32 or bf16, NCHW or channels_last; bf16 only where the CPU has
-  native bf16, :func:`cpu_native_bf16`) and keeps the fastest. The choice is cached per
-  machine, model and batch size, and written into the run record with the measured rates.
+* on a CPU, fp32 and NCHW; with ``Speed(measure=True)``, :func:`choose_cpu_setting` times a
+  few training steps of the run's own model in each admissible setting (fp32 or bf16, NCHW or
+  channels_last; bf16 only where the CPU has native bf16, :func:`cpu_native_bf16`) and keeps
+  the fastest. The choice is cached per machine, model and batch size, and written into the
+  run record with the measured rates. It is not the default yet: the layout changes a run's
+  numerics, and a choice made from noisy timings could differ between two runs of the same
+  key (or between a run and its resumption in another folder), which would break the loop's
+  bitwise reproducibility until the checkpoint pins the choice.
 
 Every decision is a function of the device's properties, so that it is tested on any machine.
 """
@@ -199,17 +203,19 @@ def choose_cpu_setting(model: nn.Module, batch_size: int, image_size: int = 32, 
 class Speed:
     """How fast a run trains; none of it is part of the recipe (appendix "Making it fast").
 
-    ``channels_last``: NHWC memory layout for convolutions; ``None`` (default): on a CUDA GPU,
-    and on a CPU where it measures faster. ``amp``: autocast precision; ``"auto"`` (default):
-    bf16 on a CUDA GPU that computes it natively, else fp16 with a gradient scaler; on a CPU,
-    bf16 only where the CPU computes it natively and it measures faster. Explicit values are
-    obeyed. ``compile``: ``torch.compile`` the student (pays off from a few epochs on, on a
-    GPU).
+    ``channels_last``: NHWC memory layout for convolutions; ``None`` (default): on a CUDA GPU
+    (and, with ``measure``, on a CPU where it measures faster). ``amp``: autocast precision;
+    ``"auto"`` (default): bf16 on a CUDA GPU that computes it natively, else fp16 with a
+    gradient scaler; off on a CPU (with ``measure``: bf16 where the CPU computes it natively
+    and it measures faster). Explicit values are obeyed. ``compile``: ``torch.compile`` the
+    student (pays off from a few epochs on, on a GPU). ``measure``: on a CPU, choose what is
+    left to ``auto``/``None`` by timing (:func:`choose_cpu_setting`).
     """
 
     channels_last: bool | None = None
     amp: str = "auto"                # "auto" | "bf16" | "fp16" | "off"
     compile: bool = False
+    measure: bool = False
 
     def layout(self, device: torch.device) -> bool:
         """Whether to use channels_last on ``device``, before any measurement."""
@@ -225,10 +231,12 @@ class Speed:
                 image_size: int = 32, cache: str | Path | None = None,
                 measure: bool = True) -> dict:
         """The precision and layout a run uses: ``{"amp", "channels_last", "choice"}``. On a
-        CPU with anything left to ``auto``/``None`` (and ``measure``), chosen by
-        :func:`choose_cpu_setting`; elsewhere by the rules above (``choice`` is None)."""
+        CPU with ``self.measure`` (and ``measure``: False for a run that is only reloaded) and
+        anything left to ``auto``/``None``, chosen by :func:`choose_cpu_setting`; otherwise by
+        the rules above (``choice`` is None)."""
         self.precision(device)  # refuses an unknown amp early, on any device
-        if device.type == "cpu" and measure and (self.amp == "auto" or self.channels_last is None):
+        if (device.type == "cpu" and self.measure and measure
+                and (self.amp == "auto" or self.channels_last is None)):
             return choose_cpu_setting(model, batch_size, image_size, amp=self.amp,
                                       channels_last=self.channels_last, cache=cache)
         return {"amp": self.precision(device), "channels_last": self.layout(device), "choice": None}

@@ -302,11 +302,12 @@ def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, meth
     for folder in ((ckpt.parent, out_dir) if write else (ckpt.parent,)) if w.main else ():
         _check_writable(folder)
 
-    # precision and layout: on a CPU measured once per machine, model and batch size (cached),
-    # unless the run is finished (then it is only reloaded) or spread over processes
+    # precision and layout; with Speed(measure=True) on a CPU, measured once per machine, model
+    # and batch size (cached), unless the run is finished (only reloaded) or spread over processes
     setting = speed.resolve(model, dev, recipe.batch_size, data.train_x.shape[-1],
                             cache=settings.ckpt_dir(ckpt_dir) / "speed" / "cpu_choices.json",
-                            measure=not w.distributed and not is_finished(ckpt, recipe.epochs))
+                            measure=speed.measure and not w.distributed
+                            and not is_finished(ckpt, recipe.epochs))
     amp, cl = setting["amp"], setting["channels_last"]
     fmt = torch.channels_last if cl else torch.contiguous_format
     model.to(dev, memory_format=fmt)

@@ -105,11 +105,7 @@ def test_multi_exit_run_records_every_exit(dirs):
     assert len(run.record["exit_acc"]) == 4
     assert run.record["test_acc"] == run.record["exit_acc"][-1]
     assert 0 <= run.record["ensemble_acc"] <= 100
-    speed = run.record["speed"]
-    assert speed["amp"] == "off" and speed["compile"] is False   # fp32 unless the CPU has bf16
-    assert speed["choice"]["by"] == "measured"                     # ... and the layout measured
-    assert {"fp32 NCHW", "fp32 channels_last"} <= set(speed["choice"]["rates"])
-    assert speed["channels_last"] == speed["choice"]["setting"].endswith("channels_last")
+    assert run.record["speed"] == {"channels_last": False, "amp": "off", "compile": False}  # CPU defaults
 
 
 # ---- held-out selection ---------------------------------------------------------------------

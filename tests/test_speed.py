@@ -103,7 +103,7 @@ def test_fit_on_the_cpu_uses_and_records_the_measured_choice(dirs, monkeypatch):
         return torch.nn.functional.cross_entropy(model(x), y)
 
     run = kd.train.fit(kd.models.build("lightnn", seed=0), _tiny(), Recipe(epochs=1, batch_size=16),
-                       chapter="t", method="ce", step=step, **dirs)
+                       chapter="t", method="ce", step=step, speed=Speed(measure=True), **dirs)
     assert all(layouts) and run.record["speed"]["channels_last"] is True
     assert run.record["speed"]["amp"] == "off"
     choice = run.record["speed"]["choice"]
@@ -112,10 +112,16 @@ def test_fit_on_the_cpu_uses_and_records_the_measured_choice(dirs, monkeypatch):
     # a finished run is only reloaded: nothing is timed again
     n = len(calls)
     kd.train.fit(kd.models.build("lightnn", seed=0), _tiny(), Recipe(epochs=1, batch_size=16),
-                 chapter="t", method="ce", step=step, **dirs)
+                 chapter="t", method="ce", step=step, speed=Speed(measure=True), **dirs)
     assert len(calls) == n
     # explicit settings win: nothing is timed, nothing recorded as chosen
     fixed = kd.train.fit(kd.models.build("lightnn", seed=1), _tiny(), Recipe(epochs=1, batch_size=16, seed=1),
-                         chapter="t", method="ce", speed=Speed(channels_last=False, amp="off"), **dirs)
+                         chapter="t", method="ce", speed=Speed(channels_last=False, amp="off", measure=True),
+                         **dirs)
     assert len(calls) == n and "choice" not in fixed.record["speed"]
     assert fixed.record["speed"]["channels_last"] is False
+    # without measure (the default) nothing is timed: fp32 NCHW on the CPU, reproducible
+    plain = kd.train.fit(kd.models.build("lightnn", seed=2), _tiny(), Recipe(epochs=1, batch_size=16, seed=2),
+                         chapter="t", method="ce", **dirs)
+    assert len(calls) == n and "choice" not in plain.record["speed"]
+    assert plain.record["speed"]["channels_last"] is False and plain.record["speed"]["amp"] == "off"
