@@ -158,8 +158,7 @@ def bench_setup(name: str, images, labels, *, device, batch_size, warmup, steps,
     student = build(setup.student, seed=0)
     chosen = Speed(amp="auto" if amp else "off", measure=True).resolve(student, device, batch_size)
     use_cl, amp_dtype = chosen["channels_last"], chosen["amp"]
-    row["kdutils setting"] = setting_name(amp_dtype, use_cl) if device.type == "cpu" else \
-        f"{str(amp_dtype).replace('torch.', '') if amp_dtype else 'fp32'} {'channels_last' if use_cl else 'NCHW'}"
+    row["kdutils setting"] = setting_name(amp_dtype, use_cl)
     if chosen["choice"] and "seconds" in chosen["choice"]:
         row["choosing (s)"] = chosen["choice"]["seconds"]
     cl = torch.channels_last if use_cl else torch.contiguous_format

@@ -85,8 +85,9 @@ ACCURACY_EXCLUDED: dict[tuple[str, str], str] = {}
 
 
 def setting_name(dtype: torch.dtype | None, channels_last: bool) -> str:
-    """``"fp32 NCHW"``, ``"bf16 channels_last"``, ..."""
-    return f"{'bf16' if dtype == torch.bfloat16 else 'fp32'} {'channels_last' if channels_last else 'NCHW'}"
+    """``"fp32 NCHW"``, ``"bf16 channels_last"``, ``"fp16 NCHW"``..."""
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    return f"{precision} {'channels_last' if channels_last else 'NCHW'}"
 
 
 def cpu_candidates(amp: str, channels_last: bool | None, native_bf16: bool,
