@@ -3,8 +3,10 @@
 One module per concern: :mod:`~kdutils.settings` (environment, paths), :mod:`~kdutils.params`
 (chapter parameters, profiles, validation), :mod:`~kdutils.data` (datasets as tensors,
 batched augmentation), :mod:`~kdutils.models`, :mod:`~kdutils.losses`,
-:mod:`~kdutils.train` (the one loop), :mod:`~kdutils.speed` (precision and layout per machine), :mod:`~kdutils.checkpoint`, :mod:`~kdutils.teachers`
-(the teacher cache), :mod:`~kdutils.airbench` (the strong CIFAR-10 teacher),
+:mod:`~kdutils.loop` (one epoch of training, evaluation), :mod:`~kdutils.train` (``fit``: a
+whole run around the loop), :mod:`~kdutils.runs` (a run's key, checkpoint and record),
+:mod:`~kdutils.speed` (precision and layout per machine), :mod:`~kdutils.checkpoint`,
+:mod:`~kdutils.teachers` (the teacher cache), :mod:`~kdutils.airbench` (the strong CIFAR-10 teacher),
 :mod:`~kdutils.regimes` (few labels, agreement, calibration), :mod:`~kdutils.results` (run records, tables), :mod:`~kdutils.plots`, :mod:`~kdutils.dist` (several processes)
 and :mod:`~kdutils.recipes` (the chapters' recipes from the command line).
 """
@@ -17,8 +19,8 @@ with _warnings.catch_warnings():
     _warnings.simplefilter("ignore", _TqdmWarning)
     import tqdm.auto  # noqa: F401
 
-from . import (airbench, checkpoint, data, dist, losses, methods, models, params,  # noqa: F401
-               plots, recipes, regimes, results, settings, speed, teachers, train)
+from . import (airbench, checkpoint, data, dist, loop, losses, methods, models,  # noqa: F401
+               params, plots, recipes, regimes, results, runs, settings, speed, teachers, train)
 from .plots import show_code  # noqa: F401
 
 __version__ = "0.1.0"

@@ -8,11 +8,13 @@ forward and backward, optimiser) in two styles:
 
 * ``reference``: a torchvision ``DataLoader`` over PIL images with per-sample transforms,
   fp32, NCHW, the teacher in fp32 run at every step (as the R notebooks do);
-* ``kdutils``: batches cut from uint8 tensors on the device and augmented there, in the
-  precision and memory layout the loop would pick with ``Speed(measure=True)``
+* ``kdutils``: :func:`kdutils.loop.train_epoch`, the loop every chapter trains with, on
+  batches cut from uint8 tensors on the device and augmented there, in the precision and
+  memory layout the loop would pick with ``Speed(measure=True)``
   (:meth:`kdutils.speed.Speed.resolve`: bf16 and channels_last on a recent GPU; on a CPU, the
-  fastest admissible setting, timed on the spot), the teacher in inference mode (and its outputs precomputed when nothing is
-  augmented, as the chapters do).
+  fastest admissible setting, timed on the spot), the teacher in inference mode through
+  :func:`kdutils.loop.with_teacher` (its outputs precomputed when nothing is augmented, as
+  the chapters do).
 
 It prints images/s of the step (median over repeats, warm-up excluded), the ratio, the
 setting the loop picked, the data pipeline alone, and peak memory. ``--out`` defaults to
@@ -28,16 +30,17 @@ import sys
 import time
 from dataclasses import dataclass
 from functools import partial
+from itertools import islice
 
 import torch
 
 from . import data as D
 from . import methods, settings
-from .losses import byot_loss
+from .loop import train_epoch, with_teacher
 from .models import build
 from .results import device_name
 from .speed import setting_name
-from .train import Recipe, Speed, _optimizer, pick_device, precompute_teacher
+from .train import Recipe, Speed, make_optimizer, pick_device, precompute_teacher
 
 
 @dataclass(frozen=True)
@@ -68,12 +71,12 @@ def _step_and_optimizer(setup: Setup, model):
     else:
         recipe = Recipe(epochs=1)
     if setup.loss == "byot":
-        step = lambda m, x, y, t: byot_loss(*m(x), y)  # noqa: E731
+        step = methods.byot_step
     elif setup.loss == "kd":
         step = partial(methods.kd_step, T=4.0, alpha=0.5)
     else:
         step = methods.ce_step
-    return step, _optimizer(model, recipe)
+    return step, make_optimizer(model, recipe)
 
 
 class _PILDataset(torch.utils.data.Dataset):
@@ -117,6 +120,24 @@ def _time_steps(step, batches, device, warmup, steps, repeats, batch_size):
                 it = iter(batches())
                 b = next(it)
             step(b)
+        _sync(device)
+        rates.append(steps * batch_size / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def _time_epochs(train, batches, device, warmup, steps, repeats, batch_size):
+    """Median images/s of ``train(batches)`` over ``repeats`` runs of ``steps`` batches each,
+    after ``warmup`` batches; ``batches()`` is started again whenever it runs out."""
+    def endless():
+        while True:
+            yield from batches()
+    it = endless()
+    train(islice(it, warmup))
+    _sync(device)
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        train(islice(it, steps))
         _sync(device)
         rates.append(steps * batch_size / (time.perf_counter() - t0))
     return statistics.median(rates)
@@ -168,29 +189,19 @@ def bench_setup(name: str, images, labels, *, device, batch_size, warmup, steps,
     tl = D.TensorLoader(x, y, batch_size, shuffle=True, augment=setup.augment, device=device,
                         drop_last=True, channels_last=use_cl, autoaugment=setup.r1_augment,
                         erasing=0.5 if setup.r1_augment else 0.0)
-    use_amp = amp_dtype is not None
-    precomputed = None
+    table = None
     if teacher is not None and not setup.augment:  # exact: the teacher sees the same tensors every epoch
         images = D.ImageData(x, y, x[:1], y[:1], D.CIFAR10_CLASSES, "bench")
-        precomputed = precompute_teacher(teacher, methods.kd_targets, images, device)["logits"]
+        table = precompute_teacher(teacher, methods.kd_targets, images, device)
 
-    def kd_step(batch):
-        xb, yb, idx = batch
-        t = None
-        if precomputed is not None:
-            t = {"logits": precomputed[idx]}
-        elif teacher is not None:
-            with torch.inference_mode(), torch.autocast(device.type, amp_dtype or torch.float32, enabled=use_amp):
-                logits = teacher(xb).float()
-            t = {"logits": logits.clone()}  # leave inference mode: the loss keeps it for backward
-        with torch.autocast(device.type, amp_dtype or torch.float32, enabled=use_amp):
-            loss = step(student, xb, yb, t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def train(batches):  # the loop every chapter trains with, on the batches fit would give it
+        train_epoch(student, batches, step, opt, amp=amp_dtype)
 
-    row["kdutils img/s"] = _time_steps(kd_step, lambda: tl, device, warmup, steps, repeats, batch_size)
-    row["kdutils data img/s"] = _time_steps(lambda b: None, lambda: tl, device, 1, steps, repeats, batch_size)
+    row["kdutils img/s"] = _time_epochs(
+        train, lambda: with_teacher(tl, teacher, methods.kd_targets, table, amp_dtype),
+        device, warmup, steps, repeats, batch_size)
+    row["kdutils data img/s"] = _time_epochs(lambda b: sum(1 for _ in b), lambda: tl, device, 1,
+                                             steps, repeats, batch_size)
     row["speed-up"] = row["kdutils img/s"] / row["reference img/s"]
     if device.type == "cuda":
         row["peak GPU memory (MB)"] = torch.cuda.max_memory_allocated(device) / 2**20

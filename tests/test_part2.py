@@ -199,7 +199,7 @@ def test_hook_self_distillation_trains_its_projection_and_weight_zero_is_ce():
     loss = kd.methods.hook_sd_step(model, x, y, None, hook_weight=0.5)
     loss.backward()
     assert model.proj.weight.grad.abs().sum() > 0
-    assert any(p is model.proj.weight for p in kd.train._optimizer(model, Recipe(epochs=1)).param_groups[0]["params"])
+    assert any(p is model.proj.weight for p in kd.train.make_optimizer(model, Recipe(epochs=1)).param_groups[0]["params"])
     model.eval()
     assert kd.methods.hook_sd_step(model, x, y, None, hook_weight=0.0).item() == pytest.approx(
         F.cross_entropy(model(x), y).item(), rel=1e-6)

@@ -62,14 +62,13 @@ def test_precomputed_teacher_outputs_give_the_same_run_as_per_step(tiny, dirs, t
     # per step: the same outputs, forced through the per-step path
     b_model = kd.models.build("lightnn", seed=2)
     kd.train.freeze(teacher.model)
-    from kdutils.train import _Loop
     train, test = kd.data.loaders(tiny, 16, seed=0)  # fit's layout on the CPU: NCHW
     opt = torch.optim.Adam(b_model.parameters(), 1e-3)
-    loop = _Loop(b_model, train, test, None, opt, None, None, None, kw["step"], teacher.model,
-                 kw["teacher_targets"], None, Recipe(epochs=2, batch_size=16),
-                 tmp_path / "none.pt", None)
-    for epoch in range(2):
-        loop.epoch(epoch)
+    for epoch in range(2):  # fit's seeding, then the public loop with the teacher run per batch
+        torch.manual_seed(0 * 100_003 + epoch)
+        train.set_epoch(epoch)
+        batches = kd.loop.with_teacher(train, teacher.model, kw["teacher_targets"])
+        kd.loop.train_epoch(b_model, batches, kw["step"], opt)
     for k, v in a.model.state_dict().items():
         assert torch.allclose(v, b_model.state_dict()[k], atol=1e-6), k
 
@@ -92,7 +91,7 @@ def _interrupting(step, at_call):
 @pytest.mark.parametrize("method", ["ce", "kd", "hint"])
 def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tiny, tmp_path, method):
     teacher = _teacher(tiny, dict(ckpt_dir=str(tmp_path / "t"), results_dir=str(tmp_path / "t"), progress=False))
-    chapter, step, targets, make, _ = kd.methods.METHODS[method]
+    chapter, step, targets, make = kd.methods.METHODS[method]
     recipe = Recipe(epochs=3, batch_size=16, seed=5)
     kw = dict(chapter=chapter, method=method, teacher=teacher.model if targets else None,
               teacher_targets=targets, progress=False)

@@ -1,0 +1,131 @@
+"""A run's files: its key, checkpoint and record, resuming and saving (chapter 2).
+
+Everything that defines a run (chapter, method, recipe, loss weights, data, teacher, model)
+is hashed into a short key; the checkpoint and the record are named by it. Starting the same
+run again therefore finds its checkpoint and continues from the last finished epoch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from . import settings
+from .checkpoint import CheckpointError, atomic_save, load_checkpoint, load_state_dict_strict
+from .results import write_record
+
+
+@dataclass
+class Run:
+    """What :func:`kdutils.train.fit` returns: the trained model, its run record and where
+    it is stored."""
+
+    model: nn.Module
+    record: dict
+    checkpoint: Path
+    record_path: Path | None = None
+    resumed_from_epoch: int = 0
+
+    @property
+    def history(self):
+        import pandas as pd
+        return pd.DataFrame(self.record["history"])
+
+    @property
+    def test_acc(self) -> float:
+        return self.record["test_acc"]
+
+
+def run_key(**parts) -> str:
+    """A short, stable hash of everything that defines a run."""
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def run_paths(model: nn.Module, data, recipe, *, chapter: str, method: str, params: dict,
+              profile: str, teacher_key: str | None, ckpt_dir=None,
+              results_dir=None) -> tuple[str, Path, Path]:
+    """The run's key (a hash of all that defines it), checkpoint path and record path."""
+    key = run_key(chapter=chapter, method=method, recipe=recipe.key(), params=params,
+                  data=data.source, train=len(data.train_y), test=len(data.test_y),
+                  teacher=teacher_key, model=type(model).__name__)
+    name = f"{method}-{profile}-seed{recipe.seed}-{key}"
+    return (key, settings.ckpt_dir(ckpt_dir) / chapter / f"{name}.pt",
+            settings.results_dir(results_dir) / chapter / f"{name}.json")
+
+
+def is_finished(checkpoint: Path, epochs: int) -> bool:
+    """Whether ``checkpoint`` exists and holds all ``epochs`` of its run."""
+    try:
+        return checkpoint.is_file() and load_checkpoint(checkpoint).get("epoch") == epochs
+    except (CheckpointError, OSError):
+        return False
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` and write a file in it, or say which folder and how to choose another."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".kdutils-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"cannot write to {folder} ({e.strerror or e}); choose another "
+                              "folder with ckpt_dir / results_dir or KD_CKPT_DIR / KD_RESULTS_DIR")
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Where one run keeps its state: the checkpoint after every epoch (weights, optimiser,
+    schedule, scaler, history), the best-validation weights, and the record."""
+
+    key: str
+    checkpoint: Path
+    record_path: Path
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoint.with_name(self.checkpoint.stem + ".best.pt")
+
+    def resume(self, model, optimizer, scheduler, scaler, device) -> tuple[list, int, float]:
+        """Load the last checkpoint into the training state, if there is one; returns the
+        history so far, the next epoch and the seconds spent outside epochs."""
+        if not self.checkpoint.is_file():
+            return [], 0, 0.0
+        state = load_checkpoint(self.checkpoint, map_location=device)
+        if state.get("key") != self.key:
+            raise CheckpointError(f"checkpoint {self.checkpoint} belongs to another run (key "
+                                  f"{state.get('key')!r}, expected {self.key!r}); delete it to "
+                                  "start over")
+        load_state_dict_strict(model, state["model"], str(self.checkpoint))
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
+        return state["history"], state["epoch"], state.get("extra_s", 0.0)
+
+    def save(self, model, optimizer, scheduler, scaler, history: list, extra_s: float) -> None:
+        """Everything needed to continue after the last epoch of ``history``."""
+        atomic_save({"key": self.key, "epoch": len(history), "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                     "scaler": scaler.state_dict() if scaler is not None else None,
+                     "history": history, "extra_s": extra_s}, self.checkpoint)
+
+    def save_best(self, model, epoch: int) -> None:
+        atomic_save({"key": self.key, "epoch": epoch, "model": model.state_dict()}, self.best)
+
+    def load_best(self, model, device) -> None:
+        state = load_checkpoint(self.best, map_location=device)
+        load_state_dict_strict(model, state["model"], str(self.best))
+
+    def existing_record(self) -> dict | None:
+        """The record of the finished run, if it was written."""
+        return json.loads(self.record_path.read_text()) if self.record_path.is_file() else None
+
+    def write_record(self, record: dict) -> Path:
+        return write_record(record, self.record_path)
