@@ -32,8 +32,11 @@ from torch import nn
 
 from . import settings
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint, load_state_dict_strict
-from .data import ImageData, normalize, random_crop_flip
+from .data import ImageData, TensorLoader, normalize, random_crop_flip
 from .results import make_record, write_record
+from .dist import world
+from .speed import Speed
+from .train import Run, TrainingDiverged, freeze, is_finished, pick_device, run_key
 
 
 @dataclass(frozen=True)
@@ -225,7 +228,6 @@ def predict_tta(net: nn.Module, x: torch.Tensor, level: int = 2) -> torch.Tensor
 def accuracy(net: nn.Module, data: ImageData, device, *, tta_level: int = 0,
              batch_size: int = 1000, channels_last: bool = False) -> float:
     """Test accuracy in percent, with test-time augmentation ``tta_level``."""
-    from .data import TensorLoader
     was = net.training
     net.eval()
     loader = TensorLoader(data.test_x, data.test_y, batch_size, shuffle=False, mean=data.mean,
@@ -236,7 +238,6 @@ def accuracy(net: nn.Module, data: ImageData, device, *, tta_level: int = 0,
 
 
 def _run_paths(data: ImageData, recipe: AirbenchRecipe, profile: str, ckpt_dir, results_dir):
-    from .train import run_key
     key = run_key(chapter="teacher", method="airbench", recipe=asdict(recipe), data=data.source,
                   train=len(data.train_y), test=len(data.test_y), model="AirbenchNet")
     name = f"airbench-{profile}-seed{recipe.seed}-{key}"
@@ -256,8 +257,6 @@ def train_airbench(data: ImageData, recipe: AirbenchRecipe = AirbenchRecipe(), *
     memory layout as :func:`kdutils.train.fit` does (measured on a CPU with ``measure=True``):
     speed, not the recipe.
     """
-    from .speed import Speed
-    from .train import Run, TrainingDiverged, is_finished, pick_device
     dev = pick_device(device)
     speed = speed or Speed()
     key, ckpt, record_path = _run_paths(data, recipe, profile, ckpt_dir, results_dir)
@@ -305,29 +304,8 @@ def train_airbench(data: ImageData, recipe: AirbenchRecipe = AirbenchRecipe(), *
         for epoch in range(start, epochs):
             t_epoch = time.perf_counter()
             net.whiten.bias.requires_grad_(epoch < recipe.whiten_bias_epochs)
-            net.train()
-            losses = []
-            for x, y, _ in batches.epoch(epoch):
-                if step >= total:
-                    break
-                with torch.autocast(dev.type, amp or torch.float32, enabled=amp is not None):
-                    loss = loss_fn(net(x).float(), y)
-                opt.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    opt.step()
-                sched.step()
-                step += 1
-                losses.append(loss.detach() / len(y))
-                if step % 5 == 0 or step == total:
-                    _lookahead(net, average, 1.0 if step == total else decay[step].item())
-                if bar is not None:
-                    bar.update(1)
-            train_loss = torch.stack(losses).mean().item()
+            train_loss, step = _airbench_epoch(net, batches.epoch(epoch), loss_fn, opt, sched,
+                                               scaler, amp, step, total, average, decay, bar)
             if not math.isfinite(train_loss):
                 raise TrainingDiverged(f"loss became {train_loss} in epoch {epoch + 1}")
             acc = accuracy(net, data, dev, channels_last=cl)
@@ -344,22 +322,58 @@ def train_airbench(data: ImageData, recipe: AirbenchRecipe = AirbenchRecipe(), *
             bar.close()
     if start == epochs and record_path.is_file():
         return Run(net.eval(), json.loads(record_path.read_text()), ckpt, record_path, start)
+    record = _airbench_record(net, data, recipe, profile, dev, history, key, setup_s, step, setting)
+    write_record(record, record_path)
+    return Run(net.eval(), record, ckpt, record_path, start)
+
+
+def _airbench_epoch(net, batches, loss_fn, opt, sched, scaler, amp, step: int, total: int,
+                    average: dict, decay: torch.Tensor, bar) -> tuple[float, int]:
+    """One epoch of the recipe's steps (it stops at ``total`` steps, mid-epoch if need be),
+    with the lookahead every 5 steps; returns the mean loss per image and the step count."""
+    net.train()
+    losses = []
+    for x, y, _ in batches:
+        if step >= total:
+            break
+        with torch.autocast(x.device.type, amp or torch.float32, enabled=amp is not None):
+            loss = loss_fn(net(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        sched.step()
+        step += 1
+        losses.append(loss.detach() / len(y))
+        if step % 5 == 0 or step == total:
+            _lookahead(net, average, 1.0 if step == total else decay[step].item())
+        if bar is not None:
+            bar.update(1)
+    return torch.stack(losses).mean().item(), step
+
+
+def _airbench_record(net, data, recipe, profile, dev, history, key, setup_s, steps, setting) -> dict:
+    """The teacher's record: accuracy with test-time augmentation (measured here) and without."""
     t_eval = time.perf_counter()
-    tta = accuracy(net, data, dev, tta_level=recipe.tta_level, channels_last=cl)
+    tta = accuracy(net, data, dev, tta_level=recipe.tta_level, channels_last=setting["channels_last"])
     eval_s = time.perf_counter() - t_eval
     train_s = sum(h["seconds"] for h in history)
+    amp = setting["amp"]
     record = make_record(chapter="teacher", method="airbench", profile=profile, device=dev,
                          data=data, recipe=recipe, params={}, history=history, model=net,
                          key=key, teacher_key=None, wall_time_s=setup_s + train_s + eval_s,
                          extra={"test_acc_plain": history[-1]["test_acc"],
                                 "tta_eval_s": round(eval_s, 2), "setup_s": round(setup_s, 2),
-                                "steps": step,
-                                "speed": {"channels_last": cl,
+                                "steps": steps,
+                                "speed": {"channels_last": setting["channels_last"],
                                           "amp": str(amp).replace("torch.", "") if amp else "off",
                                           **({"choice": setting["choice"]} if setting["choice"] else {})}})
     record["test_acc"] = tta
-    write_record(record, record_path)
-    return Run(net.eval(), record, ckpt, record_path, start)
+    return record
 
 
 @torch.no_grad()
@@ -376,10 +390,8 @@ def get_strong_teacher(data: ImageData, recipe: AirbenchRecipe = AirbenchRecipe(
                        progress: bool = True, speed=None):
     """The airbench teacher for ``data``: loaded when a finished checkpoint exists, else
     trained (a file lock makes a second process wait and then load it). Frozen on return."""
-    from .train import freeze
     folder = settings.ckpt_dir(ckpt_dir) / "teacher"
     folder.mkdir(parents=True, exist_ok=True)
-    from .dist import world
     lock = nullcontext() if world().distributed else FileLock(str(folder / "airbench.lock"))
     with lock:
         run = train_airbench(data, recipe, profile=profile, device=device, ckpt_dir=ckpt_dir,

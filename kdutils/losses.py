@@ -97,8 +97,8 @@ def hint_loss(student_logits: torch.Tensor, student_regressed: torch.Tensor,
 
 
 def byot_loss(exit_logits: list[torch.Tensor], exit_features: list[torch.Tensor],
-              labels: torch.Tensor, T: float = 4.0, kd_weight: float = 0.7,
-              feature_weight: float = 0.3, detach_teacher: bool = False) -> torch.Tensor:
+              labels: torch.Tensor, *, T: float, kd_weight: float, feature_weight: float,
+              detach_teacher: bool) -> torch.Tensor:
     """Self-distillation across exits ("Be Your Own Teacher"), as in R1.
 
     With the deepest exit ``K`` as teacher (logits ``p_K``, features ``h_K``)::

@@ -6,7 +6,9 @@ the frozen teacher) and ``*_step(model, x, y, t) -> loss``. The chapters display
 """
 from __future__ import annotations
 
+import inspect
 from functools import partial
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,15 +18,12 @@ from .dist import device_for, world
 from .hooks import capture
 from .losses import byot_loss, ce_loss, cosine_loss, hint_loss, kd_loss, pool_to_dim
 from .models import build
+from .settings import run_options
+from .teachers import sgd_recipe, speed
+from .loop import ce_step  # noqa: F401 (chapter 2's step, listed in METHODS)
 from .train import Recipe, Run, fit, is_finished, pick_device, precompute_teacher, run_paths
 
 STUDENT_HIDDEN = 1024  # LightNN's flattened feature map: 16 x 8 x 8
-
-
-# ---- chapter 2: cross-entropy only -------------------------------------------------------
-def ce_step(model, x, y, t):
-    """Cross-entropy with the labels; no teacher."""
-    return ce_loss(model(x), y)
 
 
 # ---- chapter 3: Hinton KD ----------------------------------------------------------------
@@ -92,16 +91,38 @@ def _hint_model(seed):
         return HintStudent(student)
 
 
-# name -> (home chapter, step, teacher targets, model builder, its weights' names)
+class Method(NamedTuple):
+    """A Part I method: its home chapter, its loss ``step``, what the step needs from the
+    teacher (``targets``, None without one) and how its student is built from a seed."""
+
+    chapter: str
+    step: Callable
+    targets: Callable | None
+    make: Callable[[int], nn.Module]
+
+    @property
+    def weights(self) -> dict:
+        """The loss weights and their defaults (R5's), read from the step's signature: the
+        one place they are written."""
+        return step_defaults(self.step)
+
+
+def step_defaults(step: Callable) -> dict:
+    """A step's loss weights (its keyword-only arguments) and their defaults."""
+    return {name: p.default for name, p in inspect.signature(step).parameters.items()
+            if p.kind is p.KEYWORD_ONLY}
+
+
+def _lightnn(seed: int) -> nn.Module:
+    return build("lightnn", seed=seed)
+
+
 METHODS = {
-    "ce": ("baseline", ce_step, None, lambda s: build("lightnn", seed=s), ()),
-    "kd": ("hinton", kd_step, kd_targets, lambda s: build("lightnn", seed=s), ("T", "alpha")),
-    "cosine": ("cosine", cosine_step, cosine_targets, lambda s: build("lightnn", seed=s),
-               ("hidden_weight", "ce_weight")),
-    "hint": ("regressor", hint_step, hint_targets, _hint_model, ("hint_weight", "ce_weight")),
+    "ce": Method("baseline", ce_step, None, _lightnn),
+    "kd": Method("hinton", kd_step, kd_targets, _lightnn),
+    "cosine": Method("cosine", cosine_step, cosine_targets, _lightnn),
+    "hint": Method("regressor", hint_step, hint_targets, _hint_model),
 }
-DEFAULT_WEIGHTS = {"kd": {"T": 5.0, "alpha": 0.5}, "cosine": {"hidden_weight": 0.3, "ce_weight": 0.7},
-                   "hint": {"hint_weight": 0.7, "ce_weight": 0.3}}
 
 
 def run_method(method: str, data, *, seeds, epochs, batch_size=128, lr=1e-3, teacher: Run | None = None,
@@ -114,11 +135,12 @@ def run_method(method: str, data, *, seeds, epochs, batch_size=128, lr=1e-3, tea
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    chapter, step, targets, make, names = METHODS[method]
-    unknown = set(weights) - set(names)
+    chapter, step, targets, make = METHODS[method]
+    unknown = set(weights) - set(METHODS[method].weights)
     if unknown:
-        raise ValueError(f"method {method!r} takes the weights {names}, not {sorted(unknown)}")
-    w = {**DEFAULT_WEIGHTS.get(method, {}), **weights}
+        raise ValueError(f"method {method!r} takes the weights {tuple(METHODS[method].weights)}, "
+                         f"not {sorted(unknown)}")
+    w = {**METHODS[method].weights, **weights}
     if targets is not None and teacher is None:
         raise ValueError(f"method {method!r} needs a teacher")
     step_fn = partial(step, **w) if w else step
@@ -251,7 +273,6 @@ def run_seeds(method: str, make, step, data, P, *, chapter: str, recipe=None, te
     (default: :func:`kdutils.teachers.sgd_recipe`), ``weights`` are the loss's keyword
     arguments (recorded with the run), and ``P``'s fast-path switches apply.
     """
-    from .teachers import sgd_recipe, speed
     weights = dict(weights or {})
     recipe = recipe or (lambda seed: sgd_recipe(P, seed=seed))
     step_fn = partial(step, **weights) if weights else step
@@ -261,9 +282,7 @@ def run_seeds(method: str, make, step, data, P, *, chapter: str, recipe=None, te
                         step=step_fn, teacher=teacher.model if teacher else None,
                         teacher_targets=targets,
                         teacher_key=teacher.record["run_key"] if teacher else None,
-                        params=weights, profile=P.profile, device=P.device, speed=speed(P),
-                        select=select, ckpt_dir=P.ckpt_dir, results_dir=P.results_dir,
-                        progress=P.progress))
+                        params=weights, speed=speed(P), select=select, **run_options(P)))
     return runs
 
 

@@ -14,6 +14,7 @@ import math
 from typing import Any, Callable
 
 from . import settings
+from .methods import METHODS, byot_step, hook_sd_step, step_defaults  # loss weights: the steps' defaults
 
 PROFILES: dict[str, dict[str, Any]] = {
     # Real recipe: every image, the chapter's own epochs and seeds.
@@ -240,9 +241,9 @@ SCHEMAS: dict[str, dict[str, Callable]] = {
                  "data_dir": optional_path},
 }
 
-# R5's recipe: Adam 1e-3, batch 128, 10 epochs, no augmentation; three seeds per method.
+# R5's recipe: Adam 1e-3, batch 128, 10 epochs, no augmentation; five seeds per method.
 TUTORIAL_RECIPE = {"profile": "full", "dataset": "cifar10", "epochs": 10, "batch_size": 128, "lr": 1e-3,
-       "seeds": [0, 1, 2], "device": "auto", "data_dir": None, "ckpt_dir": None,
+       "seeds": [0, 1, 2, 3, 4], "device": "auto", "data_dir": None, "ckpt_dir": None,
        "results_dir": None, "progress": True, "teacher": "deepnn", "teacher_epochs": 10}
 
 # R1/R2's recipe: SGD 0.1 (momentum 0.9, weight decay 5e-4), batch 128, cosine over 200 epochs.
@@ -254,13 +255,12 @@ RESNET_RECIPE = {"profile": "full", "dataset": "cifar10", "epochs": 200, "teache
 DEFAULTS: dict[str, dict[str, Any]] = {
     "introduction": {"profile": "full", "dataset": "cifar10", "data_dir": None},
     "baseline": {**TUTORIAL_RECIPE, "student": "lightnn"},
-    "hinton": {**TUTORIAL_RECIPE, "student": "lightnn", "T": 5.0, "alpha": 0.5},
-    "cosine": {**TUTORIAL_RECIPE, "hidden_weight": 0.3, "ce_weight": 0.7},
-    "regressor": {**TUTORIAL_RECIPE, "hint_weight": 0.7, "ce_weight": 0.3},
+    "hinton": {**TUTORIAL_RECIPE, "student": "lightnn", **METHODS["kd"].weights},
+    "cosine": {**TUTORIAL_RECIPE, **METHODS["cosine"].weights},
+    "regressor": {**TUTORIAL_RECIPE, **METHODS["hint"].weights},
     "resnet": {**RESNET_RECIPE, "T": 3.0, "alpha": 0.5},
-    "selfdistill": {**RESNET_RECIPE, "T": 4.0, "kd_weight": 0.7, "feature_weight": 0.3,
-                    "detach_teacher": False, "autoaugment": True, "erasing": 0.5,
-                    "hook_weight": 0.5, "val_size": 5000},
+    "selfdistill": {**RESNET_RECIPE, **step_defaults(byot_step), "autoaugment": True, "erasing": 0.5,
+                    **step_defaults(hook_sd_step), "val_size": 5000},
     # R4: STL10 at 224 px, an ImageNet-pretrained teacher whose head is trained 5 epochs,
     # the student 10 epochs with Adam 1e-3, batch 64.
     "pretrained": {**RESNET_RECIPE, "dataset": "stl10", "teacher_weights": "imagenet", "image_size": 224,
@@ -269,7 +269,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                    "feature_weight": 0.3},
     # When distillation pays: the airbench teacher (9.9 epochs), then R5's student recipe with
     # chapter 3's T and alpha, five seeds; the few-label runs take 3 epochs' worth of steps.
-    "pays": {**{k: v for k, v in TUTORIAL_RECIPE.items() if k != "teacher"}, "seeds": [0, 1, 2, 3, 4], "teacher_epochs": 9.9, "T": 5.0, "alpha": 0.5,
+    "pays": {**{k: v for k, v in TUTORIAL_RECIPE.items() if k != "teacher"}, "teacher_epochs": 9.9, "T": 5.0, "alpha": 0.5,
              "fractions": [0.01, 0.05, 0.2, 1.0], "few_label_epochs": 3,
              "grid_T": [1.0, 2.0, 5.0, 10.0], "grid_alpha": [0.25, 0.5, 0.9], "grid_fraction": 0.05,
              "view_fraction": 0.2, "views": 8, "view_epochs": [10, 40]},

@@ -15,20 +15,18 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
+from functools import partial
 
 from . import data as D
 from . import dist, methods, models, params, teachers
 from .results import to_frame
+from .settings import run_options
+from .train import Recipe
 
 PART_ONE = {"baseline": ("baseline", "ce"), "hinton_kd": ("hinton", "kd"),
             "cosine": ("cosine", "cosine"), "regressor": ("regressor", "hint")}
 PART_TWO = {"resnet_kd": "resnet", "selfdistill": "selfdistill", "pretrained": "pretrained"}
 RECIPES = {**{k: v[0] for k, v in PART_ONE.items()}, **PART_TWO}
-
-
-def _kw(P):
-    return dict(profile=P.profile, device=P.device, ckpt_dir=P.ckpt_dir,
-                results_dir=P.results_dir, progress=P.progress)
 
 
 def _load(P):
@@ -42,10 +40,10 @@ def part_one(name: str, P) -> list:
     chapter, method = PART_ONE[name]
     data = _load(P)
     teacher = teachers.get_teacher(P.teacher, data,
-                                   teachers.teacher_recipe(P.teacher_epochs, P.batch_size, P.lr), **_kw(P))
-    weights = {k: P[k] for k in methods.METHODS[method][4]}
+                                   teachers.teacher_recipe(P.teacher_epochs, P.batch_size, P.lr), **run_options(P))
+    weights = {k: P[k] for k in methods.METHODS[method].weights}
     runs = methods.run_method(method, data, seeds=P.seeds, epochs=P.epochs, batch_size=P.batch_size,
-                              lr=P.lr, teacher=None if method == "ce" else teacher, **_kw(P), **weights)
+                              lr=P.lr, teacher=None if method == "ce" else teacher, **run_options(P), **weights)
     return [teacher] + runs
 
 
@@ -53,7 +51,7 @@ def resnet_kd(P) -> list:
     """Chapter 8: the ResNet50 teacher, then ResNet18 with cross-entropy and with KD."""
     data = _load(P)
     teacher = teachers.get_teacher("resnet50", data, teachers.sgd_recipe(P, epochs=P.teacher_epochs),
-                                   speed=teachers.speed(P), **_kw(P))
+                                   speed=teachers.speed(P), **run_options(P))
     make = lambda seed: models.build("resnet18", seed=seed)  # noqa: E731
     return ([teacher] + methods.run_seeds("ce", make, methods.ce_step, data, P, chapter="resnet")
             + methods.run_seeds("kd", make, methods.kd_step, data, P, chapter="resnet", teacher=teacher,
@@ -74,9 +72,6 @@ def selfdistill(P) -> list:
 
 def pretrained(P) -> list:
     """Chapter 10: the pretrained (or fallback) teacher and the three small-CNN students."""
-    from functools import partial
-
-    from .train import Recipe
     data = _load(P)
     teacher, how = teachers.pretrained_teacher(P, data)
     layer = "net.layer4" if how == "imagenet" else "layer4"

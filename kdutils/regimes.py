@@ -25,6 +25,7 @@ from .data import FixedViews, ImageData, TensorLoader
 from .losses import ce_loss, soft_target_loss
 from .methods import ce_step, kd_step, kd_targets
 from .models import build
+from .results import paired_comparison
 from .train import (Recipe, Run, fit, is_finished, pick_device, precompute_teacher, run_key,
                     run_paths)
 
@@ -188,7 +189,6 @@ def temperature_grid(data: ImageData, teacher: Run, *, temperatures, alphas, fra
 def grid_table(records, confidence: float = 0.95):
     """One row per (T, alpha) of :func:`temperature_grid`'s runs: seeds, mean accuracy, and
     the difference to cross-entropy paired by seed with its ``confidence`` interval."""
-    from .results import paired_comparison
     params = records["params"]
     cell = [("ce" if m == "ce" else f"T={p['T']:g}, alpha={p['alpha']:g}")
             for m, p in zip(records["method"], params)]
@@ -286,7 +286,6 @@ def view_table(records, confidence: float = 0.95):
     """Per number of epochs and arm of :func:`view_runs`: seeds, mean accuracy, the paired
     difference to ``ce`` with its ``confidence`` interval, and the CPU minutes of its runs."""
     import pandas as pd
-    from .results import paired_comparison
     parts = []
     for epochs, group in records.groupby("epochs"):
         table = paired_comparison(group, baseline="ce", confidence=confidence)
@@ -302,7 +301,6 @@ def patience_table(records, confidence: float = 0.95):
     """Per arm of :func:`view_runs`: the gain of each longer schedule over the shortest one,
     paired by seed, with its ``confidence`` interval."""
     import pandas as pd
-    from .results import paired_comparison
     shortest = records["epochs"].min()
     parts = []
     for method, group in records.groupby("method", sort=False):
@@ -354,7 +352,6 @@ def fraction_table(records, confidence: float = 0.95):
     its ``confidence`` interval, and the CPU minutes of all its runs. ``records`` come from
     :func:`few_label_runs` (via :func:`kdutils.results.to_frame`)."""
     import pandas as pd
-    from .results import paired_comparison
     records = records.assign(fraction=records["params"].map(lambda p: p["fraction"]))
     parts = []
     for fraction, group in records.groupby("fraction"):

@@ -59,3 +59,12 @@ def results_dir(value: str | Path | None = None) -> Path:
 def profile_override() -> str | None:
     """The profile forced by ``$KD_PROFILE`` (CI sets ``smoke``), or None."""
     return os.environ.get(PROFILE_VAR) or None
+
+
+RUN_OPTIONS = ("profile", "device", "ckpt_dir", "results_dir", "progress")
+
+
+def run_options(P) -> dict:
+    """What every run takes from a chapter's parameters ``P`` besides its recipe: the profile
+    (it names the run's files), the device, where checkpoints and records go, progress bars."""
+    return {name: P[name] for name in RUN_OPTIONS}

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .results import cpu_model
+
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
 
@@ -145,7 +147,6 @@ def step_rate(model: nn.Module, batch_size: int, image_size: int, dtype: torch.d
 
 def machine_id() -> str:
     """What a cached choice is valid for: CPU model, kernel capability, threads, torch."""
-    from .results import cpu_model
     return (f"{cpu_model()} | {torch.backends.cpu.get_cpu_capability()} | "
             f"{torch.get_num_threads()} threads | torch {torch.__version__}")
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from filelock import FileLock
 
 from . import settings
-from .models import build
+from .dist import world
+from .models import WeightsUnavailable, build
 from .train import Recipe, Run, Speed, fit, freeze, is_finished, run_paths
 
 
@@ -59,7 +60,6 @@ def get_teacher(name: str, data, recipe: Recipe, *, profile: str = "full", devic
                 "parameters and ckpt_dir, or allow training it here (train_if_missing=True).")
     from contextlib import nullcontext
 
-    from .dist import world
     # Under torchrun the processes train the teacher together; a file lock would deadlock them.
     lock = nullcontext() if world().distributed else FileLock(str(folder / f"{name}.lock"))
     with lock:
@@ -79,9 +79,7 @@ def pretrained_teacher(P, data) -> tuple[Run, str]:
     so and trains a ResNet18 from scratch on ``data`` instead: the CIFAR stem at small image
     sizes, torchvision's stem above 64 px (SGD one-cycle, peak 0.05, crop + flip).
     """
-    from .models import WeightsUnavailable
-    kw = dict(profile=P.profile, device=P.device, ckpt_dir=P.ckpt_dir,
-              results_dir=P.results_dir, progress=P.progress, speed=speed(P))
+    kw = dict(settings.run_options(P), speed=speed(P))
     if P.teacher_weights == "imagenet":
         recipe = Recipe(epochs=P.teacher_epochs, batch_size=P.batch_size, lr=1e-3,
                         optimizer="sgd", momentum=0.9)
