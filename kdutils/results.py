@@ -16,6 +16,7 @@ import torch
 
 from . import settings
 from .checkpoint import atomic_write_json
+from .models import arch_name, count_params, flops_per_image
 
 REQUIRED = ("chapter", "method", "profile", "device", "data_source", "seed", "epochs",
             "test_acc", "history", "wall_time_s", "params", "torch_version")
@@ -47,7 +48,6 @@ def device_name(device: torch.device) -> str:
 
 def make_record(*, chapter, method, profile, device, data, recipe, params, history, model,
                 key, teacher_key, wall_time_s, extra: dict | None = None) -> dict:
-    from .models import arch_name, count_params, flops_per_image
     deployed = getattr(model, "deployed", model)  # e.g. a student without its training-only regressor
     size = data.train_x.shape[-1]
     return {
@@ -184,6 +184,18 @@ def format_acc(mean: float, std: float) -> str:
     if std != std:  # NaN
         return f"{mean:.2f}"
     return f"{mean:.2f} ± {std:.2f}"
+
+
+def interval_verdict(low: float, high: float) -> str:
+    """What a 95% interval of a paired difference shows, in words: a gain (interval above
+    zero), a loss (below zero), or no detectable difference (it contains zero)."""
+    if low != low or high != high:  # NaN: fewer than two paired seeds
+        return "too few paired seeds to tell"
+    if low > 0:
+        return "the interval lies above zero, a gain"
+    if high < 0:
+        return "the interval lies below zero, a loss"
+    return "the interval contains zero, no detectable difference"
 
 
 def paired_comparison(records, baseline: str, label: str = "method", confidence: float = 0.95):

@@ -51,7 +51,7 @@ def test_profile_from_environment_is_checked_too(monkeypatch):
 
 def test_smoke_profile_shrinks_the_run_and_full_keeps_it(monkeypatch):
     full = params.check("hinton")
-    assert (full.epochs, full.seeds, full.train_size, full.T) == (10, [0, 1, 2], None, 5.0)
+    assert (full.epochs, full.seeds, full.train_size, full.T) == (10, [0, 1, 2, 3, 4], None, 5.0)
     monkeypatch.setenv("KD_PROFILE", "smoke")
     smoke = params.check("hinton", T=2.0)
     assert (smoke.profile, smoke.epochs, smoke.teacher_epochs, smoke.seeds, smoke.train_size) == \

@@ -433,3 +433,24 @@ def test_temperature_grid_pairs_each_cell_with_cross_entropy(dirs):
     with pytest.raises(ValueError, match="at least one"):
         regimes.temperature_grid(data, teacher, temperatures=[], alphas=[0.5], fraction=0.2,
                                  seeds=[0], epochs=1, profile="t", **dirs)
+
+
+def test_paired_comparison_pairs_by_seed_and_its_interval_says_what_it_shows():
+    import pandas as pd
+    rows = []
+    for seed, (ce, a, b) in enumerate([(60.0, 61.0, 59.5), (62.0, 63.5, 61.0), (61.0, 62.0, 60.0),
+                                       (59.0, 60.5, 58.0), (63.0, 64.0, 62.5)]):
+        rows += [dict(chapter="c", method=m, profile="full", seed=seed, test_acc=acc, params={"w": w},
+                      data_source="d", train_size=1, test_size=1, teacher_key=None, model="M")
+                 for m, acc, w in (("ce", ce, 0), ("a", a, 1), ("b", b, 2))]
+    table = kd.results.paired_comparison(pd.DataFrame(rows), baseline="ce").set_index("method")
+    # a - ce = [1, 1.5, 1, 1.5, 1]: mean 1.2, std 0.27386, t(0.975, 4) = 2.776445
+    assert table.loc["a", "diff_mean"] == pytest.approx(1.2)
+    assert table.loc["a", "ci_low"] == pytest.approx(1.2 - 2.776445 * 0.273861 / 5 ** 0.5, abs=1e-5)
+    assert table.loc["a", "significant"] and not pd.notna(table.loc["ce"].get("diff_mean"))
+    assert table.loc["b", "ci_high"] < 0
+    verdict = kd.results.interval_verdict
+    assert verdict(table.loc["a", "ci_low"], table.loc["a", "ci_high"]).endswith("a gain")
+    assert verdict(table.loc["b", "ci_low"], table.loc["b", "ci_high"]).endswith("a loss")
+    assert "no detectable difference" in verdict(-0.5, 0.25)
+    assert verdict(float("nan"), float("nan")) == "too few paired seeds to tell"
