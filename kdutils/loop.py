@@ -13,9 +13,9 @@ from torch import nn
 
 from .data import ImageData, normalize
 from .dist import all_sum
-from .losses import ce_loss
+from .losses import ce_loss, total
 
-Step = Callable[[nn.Module, torch.Tensor, torch.Tensor, dict | None], torch.Tensor]
+Step = Callable[[nn.Module, torch.Tensor, torch.Tensor, dict | None], "torch.Tensor | dict[str, torch.Tensor]"]
 TeacherTargets = Callable[[nn.Module, torch.Tensor], dict]
 
 
@@ -34,19 +34,21 @@ def ce_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: dict | None) 
 
 def train_epoch(model, batches: Iterable, step: Step, optimizer: torch.optim.Optimizer, *,
                 amp: torch.dtype | None = None, scaler=None, scheduler=None,
-                bar=None) -> torch.Tensor:
+                bar=None) -> dict[str, torch.Tensor]:
     """One pass over ``batches`` of ``(x, y, t)``: the loss of each batch by ``step``, its
-    gradients, one update of the weights. Returns the mean loss.
+    gradients, one update of the weights. Returns the mean loss (``"loss"``) and, when the step
+    returns named terms (``{"kd": ..., "ce": ...}``, added up in their order), the mean of each.
 
     ``amp`` is the autocast dtype (None: fp32), ``scaler`` a GradScaler (fp16 only: it scales
     the loss and skips an update whose gradients overflowed), ``scheduler`` a learning-rate
     schedule stepped after every batch (OneCycle), ``bar`` a progress bar.
     """
     model.train()
-    losses = []
+    losses, terms = [], {}
     for x, y, t in batches:
         with torch.autocast(x.device.type, amp or torch.float32, enabled=amp is not None):
-            loss = step(model, x, y, t)
+            out = step(model, x, y, t)
+            loss = total(out) if isinstance(out, dict) else out
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:
             loss.backward()
@@ -58,12 +60,15 @@ def train_epoch(model, batches: Iterable, step: Step, optimizer: torch.optim.Opt
         if scheduler is not None:
             scheduler.step()
         losses.append(loss.detach())
+        for name, value in (out.items() if isinstance(out, dict) else ()):
+            terms.setdefault(name, []).append(value.detach())
         if bar is not None:
             bar.update(1)
         if len(losses) % 50 == 0:
             check_finite(losses)  # a sync with the device every 50 steps, not every step
     check_finite(losses)
-    return torch.stack(losses).float().mean()
+    means = {name: torch.stack(values).float().mean() for name, values in terms.items()}
+    return {"loss": torch.stack(losses).float().mean(), **means}
 
 
 def check_finite(losses: list[torch.Tensor]) -> None:

@@ -39,15 +39,31 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return -(p * log_q).sum(dim=-1).mean() * T**2
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-            T: float, alpha: float) -> torch.Tensor:
-    """Hinton et al. (2015): ``alpha * T^2 * KL(p^T || q^T) + (1 - alpha) * CE(s, y)``."""
+def kd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+             T: float, alpha: float) -> dict[str, torch.Tensor]:
+    """The two terms of Hinton et al. (2015), weighted: ``{"kd": alpha * T^2 * KL(p^T || q^T),
+    "ce": (1 - alpha) * CE(s, y)}``; their sum is :func:`kd_loss`."""
     if T <= 0:
         raise ValueError(f"T must be > 0, got {T}")
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    return (alpha * soft_target_loss(student_logits, teacher_logits, T)
-            + (1 - alpha) * ce_loss(student_logits, labels))
+    return {"kd": alpha * soft_target_loss(student_logits, teacher_logits, T),
+            "ce": (1 - alpha) * ce_loss(student_logits, labels)}
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+            T: float, alpha: float) -> torch.Tensor:
+    """Hinton et al. (2015): ``alpha * T^2 * KL(p^T || q^T) + (1 - alpha) * CE(s, y)``."""
+    return total(kd_terms(student_logits, teacher_logits, labels, T, alpha))
+
+
+def total(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss a step's named terms add up to, summed in their order."""
+    values = iter(terms.values())
+    loss = next(values)
+    for v in values:
+        loss = loss + v
+    return loss
 
 
 def pool_to_dim(h: torch.Tensor, dim: int) -> torch.Tensor:
@@ -63,10 +79,10 @@ def pool_to_dim(h: torch.Tensor, dim: int) -> torch.Tensor:
     return F.avg_pool1d(flat.unsqueeze(1), kernel_size=k).squeeze(1)
 
 
-def cosine_loss(student_logits: torch.Tensor, student_hidden: torch.Tensor,
-                teacher_hidden: torch.Tensor, labels: torch.Tensor,
-                hidden_weight: float = 0.3, ce_weight: float = 0.7) -> torch.Tensor:
-    """``hidden_weight * mean_i (1 - cos(h^s_i, h^t_i)) + ce_weight * CE(s, y)``.
+def cosine_terms(student_logits: torch.Tensor, student_hidden: torch.Tensor,
+                 teacher_hidden: torch.Tensor, labels: torch.Tensor,
+                 hidden_weight: float, ce_weight: float) -> dict[str, torch.Tensor]:
+    """``{"cosine": hidden_weight * mean_i (1 - cos(h^s_i, h^t_i)), "ce": ce_weight * CE(s, y)}``.
 
     ``h^s`` and ``h^t`` are flattened to vectors of the same length (pool the larger one
     first, :func:`pool_to_dim`). ``1 - cos`` is ``CosineEmbeddingLoss`` with target +1.
@@ -75,13 +91,21 @@ def cosine_loss(student_logits: torch.Tensor, student_hidden: torch.Tensor,
     if hs.shape != ht.shape:
         raise ValueError(f"hidden shapes differ: student {tuple(hs.shape)}, teacher {tuple(ht.shape)}")
     cos = F.cosine_similarity(hs, ht, dim=1)
-    return hidden_weight * (1 - cos).mean() + ce_weight * ce_loss(student_logits, labels)
+    return {"cosine": hidden_weight * (1 - cos).mean(), "ce": ce_weight * ce_loss(student_logits, labels)}
 
 
-def hint_loss(student_logits: torch.Tensor, student_regressed: torch.Tensor,
-              teacher_map: torch.Tensor, labels: torch.Tensor,
-              hint_weight: float = 0.7, ce_weight: float = 0.3) -> torch.Tensor:
-    """FitNets hint: ``hint_weight * MSE(r(f^s), f^t) + ce_weight * CE(s, y)``.
+def cosine_loss(student_logits: torch.Tensor, student_hidden: torch.Tensor,
+                teacher_hidden: torch.Tensor, labels: torch.Tensor,
+                hidden_weight: float = 0.3, ce_weight: float = 0.7) -> torch.Tensor:
+    """The sum of :func:`cosine_terms`: cosine distance of hidden states plus cross-entropy."""
+    return total(cosine_terms(student_logits, student_hidden, teacher_hidden, labels,
+                              hidden_weight, ce_weight))
+
+
+def hint_terms(student_logits: torch.Tensor, student_regressed: torch.Tensor,
+               teacher_map: torch.Tensor, labels: torch.Tensor,
+               hint_weight: float, ce_weight: float) -> dict[str, torch.Tensor]:
+    """FitNets hint: ``{"hint": hint_weight * MSE(r(f^s), f^t), "ce": ce_weight * CE(s, y)}``.
 
     ``r(f^s)`` is the student's feature map after the trainable regressor and must have
     the shape of the teacher's map ``f^t``; MSE is the mean over all elements.
@@ -89,11 +113,16 @@ def hint_loss(student_logits: torch.Tensor, student_regressed: torch.Tensor,
     if student_regressed.shape != teacher_map.shape:
         raise ValueError(f"regressed student map {tuple(student_regressed.shape)} does not match "
                          f"the teacher's {tuple(teacher_map.shape)}")
-    return (hint_weight * F.mse_loss(student_regressed, teacher_map)
-            + ce_weight * ce_loss(student_logits, labels))
+    return {"hint": hint_weight * F.mse_loss(student_regressed, teacher_map),
+            "ce": ce_weight * ce_loss(student_logits, labels)}
 
 
-
+def hint_loss(student_logits: torch.Tensor, student_regressed: torch.Tensor,
+              teacher_map: torch.Tensor, labels: torch.Tensor,
+              hint_weight: float = 0.7, ce_weight: float = 0.3) -> torch.Tensor:
+    """The sum of :func:`hint_terms`."""
+    return total(hint_terms(student_logits, student_regressed, teacher_map, labels,
+                            hint_weight, ce_weight))
 
 
 def byot_loss(exit_logits: list[torch.Tensor], exit_features: list[torch.Tensor],

@@ -16,7 +16,7 @@ from torch import nn
 
 from .dist import device_for, world
 from .hooks import capture
-from .losses import byot_loss, ce_loss, cosine_loss, hint_loss, kd_loss, pool_to_dim
+from .losses import byot_loss, ce_loss, cosine_terms, hint_terms, kd_terms, pool_to_dim
 from .models import build
 from .settings import run_options
 from .teachers import sgd_recipe, speed
@@ -33,8 +33,9 @@ def kd_targets(teacher, x):
 
 
 def kd_step(model, x, y, t, *, T=5.0, alpha=0.5):
-    """``alpha * T^2 * KL(p^T || q^T) + (1 - alpha) * CE``, with the teacher's logits in ``t``."""
-    return kd_loss(model(x), t["logits"], y, T=T, alpha=alpha)
+    """``alpha * T^2 * KL(p^T || q^T)`` and ``(1 - alpha) * CE``, with the teacher's logits in
+    ``t``: two named terms, which the loop adds up (and records apart)."""
+    return kd_terms(model(x), t["logits"], y, T=T, alpha=alpha)
 
 
 # ---- chapter 4: cosine loss on hidden states ---------------------------------------------
@@ -47,7 +48,7 @@ def cosine_targets(teacher, x, dim=STUDENT_HIDDEN):
 def cosine_step(model, x, y, t, *, hidden_weight=0.3, ce_weight=0.7):
     """Cosine distance between hidden states plus cross-entropy."""
     logits, h = model(x, return_features=True)
-    return cosine_loss(logits, h, t["hidden"], y, hidden_weight, ce_weight)
+    return cosine_terms(logits, h, t["hidden"], y, hidden_weight, ce_weight)
 
 
 # ---- chapter 5: FitNets hint with a regressor --------------------------------------------
@@ -81,7 +82,7 @@ def hint_targets(teacher, x):
 def hint_step(model, x, y, t, *, hint_weight=0.7, ce_weight=0.3):
     """MSE between the regressed student map and the teacher's map, plus cross-entropy."""
     logits, f = model(x, return_features=True)  # the forward goes through model(...): see fit()
-    return hint_loss(logits, model.regressor(f), t["map"], y, hint_weight, ce_weight)
+    return hint_terms(logits, model.regressor(f), t["map"], y, hint_weight, ce_weight)
 
 
 def _hint_model(seed):

@@ -290,20 +290,23 @@ def _epoch(epoch, model, run_model, batches, step, opt, sched, scaler, amp, reci
     lr = opt.param_groups[0]["lr"]
     t0 = time.perf_counter()
     try:
-        loss = train_epoch(run_model, batches, step, opt, amp=amp, scaler=scaler, bar=bar,
-                           scheduler=sched if recipe.schedule == "onecycle" else None)
+        means = train_epoch(run_model, batches, step, opt, amp=amp, scaler=scaler, bar=bar,
+                            scheduler=sched if recipe.schedule == "onecycle" else None)
     except TrainingDiverged as e:
         kept = (f"the last good checkpoint {ckpt} is kept" if ckpt.is_file()
                 else "no checkpoint was written yet")
         raise TrainingDiverged(
             f"loss became {e.value} at epoch {epoch + 1}, step {e.step} (learning rate {lr:g}); "
             f"{kept}. Lower the learning rate or check the inputs.", e.value, e.step) from None
-    train_loss = (dist.all_sum(loss.detach().cpu()) / dist.world().size).item()
+    means = {k: (dist.all_sum(v.detach().cpu()) / dist.world().size).item() for k, v in means.items()}
+    train_loss = means.pop("loss")
     if sched is not None and recipe.schedule != "onecycle":
         sched.step()
     test_loader, val_loader = eval_loaders
     ev = evaluate_exits(model, test_loader, amp)
     row = {"epoch": epoch + 1, "train_loss": train_loss, "test_acc": ev["acc"], "lr": lr}
+    if means:  # the step's named terms, each averaged over the epoch
+        row["loss_terms"] = means
     if "exit_acc" in ev:
         row.update(exit_acc=ev["exit_acc"], ensemble_acc=ev["ensemble_acc"])
     if val_loader is not None:

@@ -39,7 +39,7 @@ def test_frozen_teacher_gets_no_gradient_and_stays_in_eval_mode(tiny, dirs):
     student = kd.models.build("lightnn", seed=1)
     s0 = _state(student)
     x = kd.data.normalize(tiny.train_x[:8], tiny.mean, tiny.std)
-    loss = kd.methods.kd_step(student, x, tiny.train_y[:8], kd.methods.kd_targets(teacher, x))
+    loss = kd.losses.total(kd.methods.kd_step(student, x, tiny.train_y[:8], kd.methods.kd_targets(teacher, x)))
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(not p.requires_grad for p in teacher.parameters())
@@ -253,3 +253,24 @@ def test_to_frame_gives_the_records_that_load_records_reads(tiny, dirs):
     a = kd.results.to_frame(runs)
     b = kd.results.load_records(dirs["results_dir"])
     assert list(a["run_key"]) == list(b["run_key"]) and list(a["test_acc"]) == list(b["test_acc"])
+
+
+def test_named_loss_terms_train_like_their_sum_and_are_recorded_per_epoch(tiny, tmp_path):
+    teacher = _teacher(tiny, dict(ckpt_dir=str(tmp_path / "t"), results_dir=str(tmp_path / "t"), progress=False))
+    kw = dict(chapter="t", method="kd", teacher=teacher.model, teacher_targets=kd.methods.kd_targets,
+              progress=False)
+    recipe = Recipe(epochs=2, batch_size=16, seed=3)
+
+    def summed(model, x, y, t):  # the same loss as one scalar
+        return kd.losses.kd_loss(model(x), t["logits"], y, T=5.0, alpha=0.5)
+    named = fit(kd.models.build("lightnn", seed=3), tiny, recipe, step=kd.methods.kd_step,
+                ckpt_dir=str(tmp_path / "a"), results_dir=str(tmp_path / "ra"), **kw)
+    scalar = fit(kd.models.build("lightnn", seed=3), tiny, recipe, step=summed,
+                 ckpt_dir=str(tmp_path / "b"), results_dir=str(tmp_path / "rb"), **kw)
+    assert all(torch.equal(v, scalar.model.state_dict()[k]) for k, v in named.model.state_dict().items())
+    for row, other in zip(named.record["history"], scalar.record["history"]):
+        assert set(row["loss_terms"]) == {"kd", "ce"} and "loss_terms" not in other
+        assert row["train_loss"] == other["train_loss"]
+        # the mean of a sum is the sum of the means, up to float rounding
+        assert row["loss_terms"]["kd"] + row["loss_terms"]["ce"] == pytest.approx(row["train_loss"], rel=1e-5)
+        assert row["loss_terms"]["kd"] > 0 and row["loss_terms"]["ce"] > 0
