@@ -78,6 +78,10 @@ def write_record(record: dict, path: str | Path) -> Path:
     return Path(path)
 
 
+# Recipe fields added after runs were recorded without them: they enter a run's key and
+# identity only when set, so that those runs keep their names (Recipe.key uses them too).
+OPTIONAL_RECIPE_FIELDS = {"autoaugment": False, "erasing": 0.0, "views": 0, "view_seed": 0}
+
 IDENTITY_FIELDS = ("chapter", "method", "profile", "data_source", "train_size", "test_size",
                    "teacher_key", "model")
 
@@ -94,7 +98,6 @@ def identity(record: dict) -> str:
 def _params_but_seed(params: dict | None) -> dict:
     """A record's parameters without the seed and without optional recipe fields left at
     their defaults (a record written before such a field existed describes the same run)."""
-    from .train import OPTIONAL_RECIPE_FIELDS
     return {k: v for k, v in (params or {}).items()
             if k != "seed" and not (k in OPTIONAL_RECIPE_FIELDS and v == OPTIONAL_RECIPE_FIELDS[k])}
 

@@ -18,7 +18,7 @@ from . import dist, settings
 from .data import FixedViews, ImageData, TensorLoader, loaders
 from .loop import (Step, TeacherTargets, TrainingDiverged, ce_step,  # noqa: F401 (re-exported)
                    evaluate, evaluate_exits, freeze, precompute_teacher, train_epoch, with_teacher)
-from .results import make_record
+from .results import OPTIONAL_RECIPE_FIELDS, make_record
 from .runs import Run, RunFiles, check_writable, is_finished, run_key, run_paths  # noqa: F401
 from .speed import (Speed, choose_layout, choose_precision,  # noqa: F401 (re-exported)
                     cuda_native_bf16)
@@ -80,7 +80,6 @@ class Recipe:
 
 
 SCHEDULES = ("constant", "cosine", "onecycle")
-OPTIONAL_RECIPE_FIELDS = {"autoaugment": False, "erasing": 0.0, "views": 0, "view_seed": 0}
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
