@@ -37,6 +37,7 @@ import torch
 from . import data as D
 from . import methods, settings
 from .loop import train_epoch, with_teacher
+from .losses import total
 from .models import build
 from .results import device_name
 from .speed import setting_name
@@ -167,7 +168,7 @@ def bench_setup(name: str, images, labels, *, device, batch_size, warmup, steps,
         if teacher is not None:
             with torch.no_grad():
                 t = {"logits": teacher(xb)}
-        loss = step(student, xb, yb, t)
+        loss = total(step(student, xb, yb, t))
         opt.zero_grad()
         loss.backward()
         opt.step()

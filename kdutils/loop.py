@@ -48,7 +48,7 @@ def train_epoch(model, batches: Iterable, step: Step, optimizer: torch.optim.Opt
     for x, y, t in batches:
         with torch.autocast(x.device.type, amp or torch.float32, enabled=amp is not None):
             out = step(model, x, y, t)
-            loss = total(out) if isinstance(out, dict) else out
+            loss = total(out)
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:
             loss.backward()
@@ -154,7 +154,7 @@ def evaluate_exits(model: nn.Module, loader, autocast_dtype: torch.dtype | None 
     """
     was_training = model.training
     model.eval()
-    correct, ens_correct, total = None, 0, 0
+    correct, ens_correct, count = None, 0, 0
     n_exits = None
     for x, y, _ in loader:
         with torch.autocast(x.device.type, autocast_dtype or torch.float32,
@@ -165,17 +165,17 @@ def evaluate_exits(model: nn.Module, loader, autocast_dtype: torch.dtype | None 
         if len(exits) > 1:
             probs = torch.stack([p.float().softmax(1) for p in exits]).mean(0)
             ens_correct += (probs.argmax(1) == y).sum().item()
-        total += len(y)
+        count += len(y)
         n_exits = len(exits)
     model.train(was_training)
     # under torchrun each process saw a shard of the loader: add up the counts of all
-    counts = all_sum(torch.cat([correct.double().cpu(), torch.tensor([ens_correct, total], dtype=torch.float64)]))
-    correct, ens_correct, total = counts[:n_exits], counts[n_exits].item(), counts[n_exits + 1].item()
-    accs = (100.0 * correct / total).tolist()
+    counts = all_sum(torch.cat([correct.double().cpu(), torch.tensor([ens_correct, count], dtype=torch.float64)]))
+    correct, ens_correct, count = counts[:n_exits], counts[n_exits].item(), counts[n_exits + 1].item()
+    accs = (100.0 * correct / count).tolist()
     out = {"acc": accs[-1]}
     if len(accs) > 1:
         out["exit_acc"] = accs
-        out["ensemble_acc"] = 100.0 * ens_correct / total
+        out["ensemble_acc"] = 100.0 * ens_correct / count
     return out
 
 

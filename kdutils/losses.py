@@ -57,9 +57,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     return total(kd_terms(student_logits, teacher_logits, labels, T, alpha))
 
 
-def total(terms: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The loss a step's named terms add up to, summed in their order."""
-    values = iter(terms.values())
+def total(out: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss a step returned: the tensor itself, or its named terms added up in order."""
+    if not isinstance(out, dict):
+        return out
+    values = iter(out.values())
     loss = next(values)
     for v in values:
         loss = loss + v
