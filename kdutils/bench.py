@@ -106,26 +106,6 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _time_steps(step, batches, device, warmup, steps, repeats, batch_size):
-    it = iter(batches())
-    rates = []
-    for _ in range(warmup):
-        step(next(it))
-    _sync(device)
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            try:
-                b = next(it)
-            except StopIteration:
-                it = iter(batches())
-                b = next(it)
-            step(b)
-        _sync(device)
-        rates.append(steps * batch_size / (time.perf_counter() - t0))
-    return statistics.median(rates)
-
-
 def _time_epochs(train, batches, device, warmup, steps, repeats, batch_size):
     """Median images/s of ``train(batches)`` over ``repeats`` runs of ``steps`` batches each,
     after ``warmup`` batches; ``batches()`` is started again whenever it runs out."""
@@ -173,8 +153,10 @@ def bench_setup(name: str, images, labels, *, device, batch_size, warmup, steps,
         loss.backward()
         opt.step()
 
-    row["reference img/s"] = _time_steps(ref_step, loader, device, warmup, steps, repeats, batch_size)
-    row["reference data img/s"] = _time_steps(lambda b: None, loader, device, 1, steps, repeats, batch_size)
+    row["reference img/s"] = _time_epochs(lambda b: [ref_step(batch) for batch in b], loader, device,
+                                          warmup, steps, repeats, batch_size)
+    row["reference data img/s"] = _time_epochs(lambda b: sum(1 for _ in b), loader, device, 1,
+                                               steps, repeats, batch_size)
 
     # --- kdutils style ----------------------------------------------------------------
     student = build(setup.student, seed=0)

@@ -285,7 +285,6 @@ def _epoch(epoch, model, run_model, batches, step, opt, sched, scaler, amp, reci
     # (seed, epoch), so a run resumed at this epoch repeats it bit for bit.
     torch.manual_seed(recipe.seed * 100_003 + epoch + 7_919 * rank)  # own dropout per process
     set_epoch(epoch)
-    model.train()
     lr = opt.param_groups[0]["lr"]
     t0 = time.perf_counter()
     try:
