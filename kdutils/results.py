@@ -128,6 +128,12 @@ def _with_identity(frame):
     return frame
 
 
+def relabel(frame):
+    """``frame`` with ``identity`` and ``variant`` recomputed over its own rows, so that each
+    label names only what tells apart the runs it is shown with (a figure of one profile, say)."""
+    return _with_identity(frame.drop(columns=["identity", "variant"], errors="ignore").copy())
+
+
 def load_records(results_dir=None, chapter: str | None = None):
     """Every run record under ``results_dir`` (default ``<project>/results``) as a DataFrame.
 
