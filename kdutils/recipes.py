@@ -73,20 +73,21 @@ def selfdistill(P) -> list:
 def pretrained(P) -> list:
     """Chapter 10: the pretrained (or fallback) teacher and the three small-CNN students."""
     data = _load(P)
-    teacher, how = teachers.pretrained_teacher(P, data)
-    layer = "net.layer4" if how == "imagenet" else "layer4"
+    chosen = teachers.pretrained_teacher(P, data)
+    teacher = chosen.run
     recipe = lambda seed: Recipe(epochs=P.epochs, batch_size=P.batch_size, lr=P.lr,  # noqa: E731
                                  schedule=P.schedule, seed=seed)
     small = lambda seed: methods.seeded(lambda: models.SmallCNN(image_size=P.image_size), seed)  # noqa: E731
     with_proj = lambda seed: methods.seeded(  # noqa: E731
-        lambda: methods.FeatureKDStudent(models.SmallCNN(image_size=P.image_size)), seed)
+        lambda: methods.FeatureKDStudent(models.SmallCNN(image_size=P.image_size),
+                                         teacher_ch=chosen.channels), seed)
     common = dict(chapter="pretrained", recipe=recipe)
     return ([teacher]
             + methods.run_seeds("ce", small, methods.ce_step, data, P, **common)
             + methods.run_seeds("kd", small, methods.kd_step, data, P, teacher=teacher,
                                 targets=methods.kd_targets, weights={"T": P.T, "alpha": P.alpha}, **common)
             + methods.run_seeds("feature-kd", with_proj, methods.feature_kd_step, data, P,
-                                teacher=teacher, targets=partial(methods.feature_targets, layer=layer),
+                                teacher=teacher, targets=partial(methods.feature_targets, layer=chosen.layer),
                                 weights={"feature_weight": P.feature_weight}, **common))
 
 

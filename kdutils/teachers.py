@@ -6,9 +6,12 @@ teacher at the same time wait for the first one and then load its checkpoint.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from filelock import FileLock
 
-from . import settings
+from . import airbench, settings
+from . import data as D
 from .dist import world
 from .models import WeightsUnavailable, build
 from .train import Recipe, Run, Speed, fit, freeze, is_finished, run_paths
@@ -70,25 +73,54 @@ def get_teacher(name: str, data, recipe: Recipe, *, profile: str = "full", devic
     return run
 
 
-def pretrained_teacher(P, data) -> tuple[Run, str]:
-    """R4's teacher for chapter 10: ``(run, how)``.
+class PretrainedTeacher(NamedTuple):
+    """Chapter 10's teacher: the run, where it came from, and the layer whose feature map
+    feature KD matches (with its channel count)."""
+
+    run: Run
+    how: str        # "imagenet", "airbench" (chapter 6's CIFAR-10 teacher) or "scratch"
+    layer: str
+    channels: int
+
+
+def pretrained_teacher(P, data) -> PretrainedTeacher:
+    """R4's teacher for chapter 10, or the closest thing this machine can have.
 
     With ``P.teacher_weights == "imagenet"``: torchvision's ImageNet ResNet18, backbone frozen,
     a new head trained ``P.teacher_epochs`` epochs (SGD 1e-3, momentum 0.9, as R4). When the
-    weights cannot be had (no network, nothing in torch's cache), or with ``"none"``, it says
-    so and trains a ResNet18 from scratch on ``data`` instead: the CIFAR stem at small image
-    sizes, torchvision's stem above 64 px (SGD one-cycle, peak 0.05, crop + flip).
+    weights cannot be had (no network, nothing in torch's cache), or with ``"none"``:
+
+    - on CIFAR-10 at 32 px, the book's own CIFAR-10 teacher, the airbench network of
+      chapter 6, trained on all 50,000 training images and loaded from its checkpoint as a
+      pretrained teacher would be (trained first if no checkpoint exists; in the ``smoke``
+      profile a short one on the chapter's images, in batches of ``P.batch_size``);
+    - elsewhere, a ResNet18 trained from scratch on ``data`` (the CIFAR stem at small image
+      sizes, torchvision's stem above 64 px; SGD one-cycle, peak 0.05, crop + flip).
     """
     kw = dict(settings.run_options(P), speed=speed(P))
     if P.teacher_weights == "imagenet":
         recipe = Recipe(epochs=P.teacher_epochs, batch_size=P.batch_size, lr=1e-3,
                         optimizer="sgd", momentum=0.9)
         try:
-            return get_teacher("resnet18_pretrained", data, recipe, **kw), "imagenet"
+            return PretrainedTeacher(get_teacher("resnet18_pretrained", data, recipe, **kw),
+                                     "imagenet", "net.layer4", 512)
         except WeightsUnavailable as e:
-            print(f"No pretrained teacher: {e}\nFalling back to a ResNet18 trained from scratch "
-                  "on this data (teacher_weights='none').")
+            print(f"No pretrained teacher: {e}")
+    if P.dataset == "cifar10" and P.image_size == 32:
+        print("Falling back to the book's own CIFAR-10 teacher (chapter 6's airbench network).")
+        # Chapter 6's teacher: its data, recipe and profile, and no speed switches of this
+        # chapter, so that the checkpoint is the one chapter 6 wrote (smoke: a short one here).
+        opts = settings.run_options(P)
+        if P.profile == "smoke":
+            teacher_data = data
+            recipe = airbench.AirbenchRecipe(epochs=P.teacher_epochs, batch_size=P.batch_size)
+        else:
+            teacher_data, recipe = D.load_cifar10(P.data_dir), airbench.AirbenchRecipe()
+            opts["profile"] = "full"
+        run = airbench.get_strong_teacher(teacher_data, recipe, **opts)
+        return PretrainedTeacher(run, "airbench", "groups.2", run.model.head.in_features)
+    print("Falling back to a ResNet18 trained from scratch on this data (teacher_weights='none').")
     name = "resnet18" if P.image_size <= 64 else "resnet18_imagenet_stem"
     recipe = Recipe(epochs=P.teacher_epochs, batch_size=P.batch_size, lr=0.05, optimizer="sgd",
                     momentum=0.9, weight_decay=5e-4, schedule="onecycle", augment=True)
-    return get_teacher(name, data, recipe, **kw), "scratch"
+    return PretrainedTeacher(get_teacher(name, data, recipe, **kw), "scratch", "layer4", 512)

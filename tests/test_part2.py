@@ -256,7 +256,7 @@ def test_small_cnn_sizes():
         kd.models.SmallCNN(image_size=100)
 
 
-def test_pretrained_teacher_falls_back_to_training_from_scratch_when_offline(dirs, monkeypatch, capsys):
+def test_pretrained_teacher_falls_back_to_the_books_own_teacher_when_offline(dirs, monkeypatch, capsys):
     import torchvision
 
     def offline(*a, **k):
@@ -267,10 +267,51 @@ def test_pretrained_teacher_falls_back_to_training_from_scratch_when_offline(dir
     monkeypatch.setattr(torchvision.models, "resnet18", offline)
     with pytest.raises(kd.models.WeightsUnavailable, match="teacher_weights='none'"):
         kd.models.pretrained_resnet18()
-    P = kd.params.check("pretrained", profile="smoke", **dirs)
-    run, how = kd.teachers.pretrained_teacher(P, _tiny(32, 20))
-    assert how == "scratch" and run.record["epochs"] == P.teacher_epochs
+    P = kd.params.check("pretrained", profile="smoke", **dirs)  # CIFAR-10 at 32 px
+    data = _tiny(64, 20)
+    x = kd.data.normalize(data.train_x[:4], data.mean, data.std)
+
+    # CIFAR-10 at 32 px: chapter 6's airbench network, whose named layer feature KD can match
+    chosen = kd.teachers.pretrained_teacher(P, data)
+    assert "book's own CIFAR-10 teacher" in capsys.readouterr().out
+    assert chosen.how == "airbench" and isinstance(chosen.run.model, kd.airbench.AirbenchNet)
+    assert chosen.run.record["epochs"] == P.teacher_epochs and chosen.run.record["train_size"] == 64
+    feature_map = kd.methods.feature_targets(chosen.run.model, x, layer=chosen.layer)["map"]
+    assert (chosen.layer, chosen.channels, feature_map.shape[1]) == ("groups.2", 256, 256)
+    assert not any(p.requires_grad for p in chosen.run.model.parameters())  # loaded frozen
+
+    # any other data: a ResNet18 trained from scratch on the chapter's own images
+    other = kd.params.Params({**P, "dataset": "stl10"})
+    chosen = kd.teachers.pretrained_teacher(other, data)
     assert "Falling back to a ResNet18 trained from scratch" in capsys.readouterr().out
+    assert chosen.how == "scratch" and chosen.run.record["epochs"] == P.teacher_epochs
+    feature_map = kd.methods.feature_targets(chosen.run.model, x, layer=chosen.layer)["map"]
+    assert (chosen.layer, chosen.channels, feature_map.shape[1]) == ("layer4", 512, 512)
+
+
+def test_chapter_10_without_imagenet_weights_asks_for_chapter_6s_own_teacher(monkeypatch, dirs):
+    """Outside the smoke profile the fallback is the very checkpoint chapter 6 trains: all of
+    CIFAR-10, chapter 6's recipe and profile, the same folders."""
+    class Asked(Exception):
+        pass
+
+    asked = {}
+    everything = _tiny(64, 20)
+
+    def strong_teacher(data, recipe, **kw):
+        asked.update(data=data, recipe=recipe, **kw)
+        raise Asked
+
+    monkeypatch.delenv("KD_PROFILE", raising=False)  # the suite forces smoke otherwise
+    monkeypatch.setattr(kd.data, "load_cifar10", lambda data_dir=None, **k: everything)
+    monkeypatch.setattr(kd.airbench, "get_strong_teacher", strong_teacher)
+    P = kd.params.check("pretrained", profile="cpu", teacher_weights="none", **dirs)
+    with pytest.raises(Asked):
+        kd.teachers.pretrained_teacher(P, _tiny(32, 20))
+    ch6 = kd.params.check("pays", **dirs)
+    assert asked["data"] is everything
+    assert asked["recipe"] == kd.airbench.AirbenchRecipe(epochs=ch6.teacher_epochs)
+    assert {k: asked[k] for k in kd.settings.RUN_OPTIONS} == kd.settings.run_options(ch6)
 
 
 def test_part_two_profiles(monkeypatch):
