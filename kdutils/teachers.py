@@ -97,7 +97,8 @@ def pretrained_teacher(P, data) -> PretrainedTeacher:
     - elsewhere, a ResNet18 trained from scratch on ``data`` (the CIFAR stem at small image
       sizes, torchvision's stem above 64 px; SGD one-cycle, peak 0.05, crop + flip).
     """
-    kw = dict(settings.run_options(P), speed=speed(P))
+    opts = settings.run_options(P)
+    kw = dict(opts, speed=speed(P))
     if P.teacher_weights == "imagenet":
         recipe = Recipe(epochs=P.teacher_epochs, batch_size=P.batch_size, lr=1e-3,
                         optimizer="sgd", momentum=0.9)
@@ -110,7 +111,6 @@ def pretrained_teacher(P, data) -> PretrainedTeacher:
         print("Falling back to the book's own CIFAR-10 teacher (chapter 6's airbench network).")
         # Chapter 6's teacher: its data, recipe and profile, and no speed switches of this
         # chapter, so that the checkpoint is the one chapter 6 wrote (smoke: a short one here).
-        opts = settings.run_options(P)
         if P.profile == "smoke":
             teacher_data = data
             recipe = airbench.AirbenchRecipe(epochs=P.teacher_epochs, batch_size=P.batch_size)
