@@ -17,13 +17,16 @@ forward and backward, optimiser) in two styles:
   the chapters do).
 
 It prints images/s of the step (median over repeats, warm-up excluded), the ratio, the
-setting the loop picked, the data pipeline alone, and peak memory. ``--out`` defaults to
+setting the loop picked, the data pipeline alone, and peak memory. Where the setup uses R1's
+AutoAugment, the data pipeline is also timed with torchvision's AutoAugment applied image by
+image (what kdutils did before :mod:`kdutils.autoaugment`), and the ratio of the two. ``--out`` defaults to
 ``results/bench/<device kind>.json`` (``cpu-avx2``, ``cpu-avx512``, ``cuda-<gpu>``): one file per
 machine type.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import resource
 import statistics
 import sys
@@ -36,6 +39,7 @@ import torch
 
 from . import data as D
 from . import methods, settings
+from .autoaugment import auto_augment_per_image
 from .loop import train_epoch, with_teacher
 from .losses import total
 from .models import build
@@ -106,15 +110,23 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _time_epochs(train, batches, device, warmup, steps, repeats, batch_size):
+def _time_epochs(train, batches, device, warmup, steps, repeats, batch_size, min_seconds=1.0):
     """Median images/s of ``train(batches)`` over ``repeats`` runs of ``steps`` batches each,
-    after ``warmup`` batches; ``batches()`` is started again whenever it runs out."""
+    after ``warmup`` batches; ``batches()`` is started again whenever it runs out. Where
+    ``steps`` batches take less than ``min_seconds``, more are timed per repeat (a repeat of a
+    few milliseconds measures the machine's noise, not the step)."""
     def endless():
         while True:
             yield from batches()
     it = endless()
     train(islice(it, warmup))
     _sync(device)
+    t0 = time.perf_counter()
+    train(islice(it, steps))
+    _sync(device)
+    took = time.perf_counter() - t0
+    if took < min_seconds:
+        steps = min(50 * steps, math.ceil(steps * min_seconds / max(took, 1e-6)))
     rates = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -136,8 +148,11 @@ def bench_setup(name: str, images, labels, *, device, batch_size, warmup, steps,
 
     # --- reference style --------------------------------------------------------------
     ds = _PILDataset(x, y, setup.augment, mean, std, setup.r1_augment)
+    # persistent workers: a timed repeat may outlast the few batches of data here, and starting
+    # the workers again inside it would bill their start-up to every step
     loader = lambda: torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True,  # noqa: E731
-                                                 num_workers=workers, drop_last=True)
+                                                 num_workers=workers, drop_last=True,
+                                                 persistent_workers=workers > 0)
     student = build(setup.student, seed=0).to(device).train()
     teacher = build(setup.teacher, seed=1).to(device).eval() if setup.teacher else None
     step, opt = _step_and_optimizer(setup, student)
@@ -185,6 +200,13 @@ def bench_setup(name: str, images, labels, *, device, batch_size, warmup, steps,
         device, warmup, steps, repeats, batch_size)
     row["kdutils data img/s"] = _time_epochs(lambda b: sum(1 for _ in b), lambda: tl, device, 1,
                                              steps, repeats, batch_size)
+    if setup.r1_augment:  # the same data path with torchvision's AutoAugment image by image
+        per_image = D.TensorLoader(x, y, batch_size, shuffle=True, augment=True, device=device,
+                                   drop_last=True, channels_last=use_cl, erasing=0.5,
+                                   autoaugment=auto_augment_per_image)
+        row["data img/s, AutoAugment per image"] = _time_epochs(
+            lambda b: sum(1 for _ in b), lambda: per_image, device, 1, steps, repeats, batch_size)
+        row["data speed-up"] = row["kdutils data img/s"] / row["data img/s, AutoAugment per image"]
     row["speed-up"] = row["kdutils img/s"] / row["reference img/s"]
     if device.type == "cuda":
         row["peak GPU memory (MB)"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -206,7 +228,8 @@ def main(argv=None):
     ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per repeat")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed steps per repeat (more where they take under a second)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference style")
@@ -241,7 +264,7 @@ def main(argv=None):
               f"{rows[-1]['kdutils setting']}", flush=True)
     table = pd.DataFrame(rows)
     context = (f"device: {device_name(device)} | data: {source} | batch {args.batch_size} | "
-               f"{steps} steps x {args.repeats} repeats after {args.warmup} warm-up | "
+               f"{steps} steps (or 1 s) x {args.repeats} repeats after {args.warmup} warm-up | "
                f"{args.workers} DataLoader workers | torch {torch.__version__}")
     print("\n" + context)
     print(table.round(2).to_string(index=False))

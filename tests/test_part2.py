@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdutils as kd
-from kdutils.data import ImageData, auto_augment, random_erasing
+from kdutils.data import ImageData, random_erasing
 from kdutils.train import Recipe, Speed, evaluate_exits, fit, run_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,16 +166,6 @@ def test_random_erasing_rate_area_and_reproducibility():
     assert area[hit].mean().item() == pytest.approx(0.175, abs=0.015)
     assert torch.equal(out, random_erasing(x, torch.Generator().manual_seed(0), p=0.5))
     assert torch.equal(random_erasing(x, torch.Generator().manual_seed(0), p=0.0), x)
-
-
-def test_auto_augment_is_per_image_and_reproducible():
-    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    a = auto_augment(x, torch.Generator().manual_seed(1))
-    b = auto_augment(x, torch.Generator().manual_seed(1))
-    assert a.dtype == torch.uint8 and a.shape == x.shape and torch.equal(a, b)
-    changed = [(a[i] != x[i]).any().item() for i in range(16)]
-    assert 0 < sum(changed)
-    assert not torch.equal(a, auto_augment(x, torch.Generator().manual_seed(2)))
 
 
 def test_speed_precision_choices():
