@@ -2,13 +2,14 @@
 
 One module per concern: :mod:`~kdutils.settings` (environment, paths), :mod:`~kdutils.params`
 (chapter parameters, profiles, validation), :mod:`~kdutils.data` (datasets as tensors,
-batched augmentation), :mod:`~kdutils.models`, :mod:`~kdutils.losses`,
+batched augmentation), :mod:`~kdutils.autoaugment` (AutoAugment on whole batches), :mod:`~kdutils.models`, :mod:`~kdutils.losses`,
 :mod:`~kdutils.loop` (one epoch of training, evaluation), :mod:`~kdutils.train` (``fit``: a
 whole run around the loop), :mod:`~kdutils.runs` (a run's key, checkpoint and record),
 :mod:`~kdutils.speed` (precision and layout per machine), :mod:`~kdutils.checkpoint`,
 :mod:`~kdutils.teachers` (the teacher cache), :mod:`~kdutils.airbench` (the strong CIFAR-10 teacher),
-:mod:`~kdutils.regimes` (few labels, agreement, calibration), :mod:`~kdutils.results` (run records, tables), :mod:`~kdutils.plots`, :mod:`~kdutils.dist` (several processes)
-and :mod:`~kdutils.recipes` (the chapters' recipes from the command line).
+:mod:`~kdutils.regimes` (few labels, agreement, calibration), :mod:`~kdutils.results` (run records, tables), :mod:`~kdutils.plots`, :mod:`~kdutils.dist` (several processes),
+:mod:`~kdutils.recipes` (the chapters' recipes from the command line) and
+:mod:`~kdutils.edition` (every chapter of a profile, executed in one command).
 """
 import warnings as _warnings
 
@@ -19,8 +20,9 @@ with _warnings.catch_warnings():
     _warnings.simplefilter("ignore", _TqdmWarning)
     import tqdm.auto  # noqa: F401
 
-from . import (airbench, checkpoint, data, dist, loop, losses, methods, models,  # noqa: F401
-               params, plots, recipes, regimes, results, runs, settings, speed, teachers, train)
+from . import (airbench, autoaugment, checkpoint, data, dist, loop, losses, methods,  # noqa: F401
+               models, params, plots, recipes, regimes, results, runs, settings, speed, teachers,
+               train)
 from .plots import show_code  # noqa: F401
 
 __version__ = "0.1.0"
