@@ -505,7 +505,7 @@ def _value(text: str):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m kdutils.edition", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 2)[2])
+                                 epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--profile", required=True, choices=list(params.PROFILES))
     ap.add_argument("--chapters", nargs="+", help="stems or names (default: every chapter of the profile)")
     ap.add_argument("--budget", type=float, help="minutes: run only the chapters whose estimates fit")
@@ -515,7 +515,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, help="executed notebooks and state (default: editions/<profile>)")
     ap.add_argument("--publish", action="store_true", help="copy each finished chapter into book/")
     ap.add_argument("--restart", action="store_true", help="run finished chapters again")
-    ap.add_argument("--kernel", default="python3")
+    ap.add_argument("--kernel", default="python3", help="the Jupyter kernel that runs the chapters")
     args = ap.parse_args(argv)
     if args.budget is not None and args.budget <= 0:
         ap.error("--budget must be > 0 minutes")

@@ -194,3 +194,15 @@ def test_the_summary_shows_this_editions_runs_and_the_teacher_they_trained(tmp_p
     assert list(table["run"]) == ["ce seed 0", "resnet50 seed 0"]
     assert list(table["accuracy (%)"]) == [44.0, 31.0]
     assert list(table["images/s"]) == [125.0, pd.Series([5000 * 4 / 600]).round(0)[0]]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--profile", "fast", "--chapters", "02_baseline"], "no 'fast' profile"),
+    (["--profile", "fast", "--set", "seeds"], "NAME=VALUE"),
+    (["--profile", "fast", "--budget", "0"], "--budget must be > 0"),
+    (["--profile", "fast", "--set", "nope=1", "--estimate"], "no chapter of this edition has parameter"),
+])
+def test_the_command_line_names_what_is_wrong(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        E.main(argv)
+    assert message in capsys.readouterr().err
