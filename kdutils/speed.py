@@ -115,10 +115,12 @@ def pick_fastest(rates: dict[str, float]) -> str:
 
 
 def step_rate(model: nn.Module, batch_size: int, image_size: int, dtype: torch.dtype | None,
-              channels_last: bool, steps: int = 3, warmup: int = 1) -> float:
-    """Training images per second of ``steps`` SGD steps (after ``warmup``) on random images,
-    for a copy of ``model`` on the CPU in the given precision and layout. The model itself is
-    not touched."""
+              channels_last: bool, steps: int = 3, warmup: int = 1,
+              min_seconds: float = 0.5) -> float:
+    """Training images per second of at least ``steps`` SGD steps (after ``warmup``) on random
+    images, for a copy of ``model`` on the CPU in the given precision and layout; steps are
+    added until the timing lasts ``min_seconds`` (a few milliseconds of a small network
+    measure the machine's noise, not the setting). The model itself is not touched."""
     m = copy.deepcopy(model).cpu().train()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     m = m.to(memory_format=fmt)
@@ -140,9 +142,11 @@ def step_rate(model: nn.Module, batch_size: int, image_size: int, dtype: torch.d
     for _ in range(warmup):
         one_step()
     t0 = time.perf_counter()
-    for _ in range(steps):
+    done = 0
+    while done < steps or (time.perf_counter() - t0 < min_seconds and done < 100 * steps):
         one_step()
-    return batch_size * steps / (time.perf_counter() - t0)
+        done += 1
+    return batch_size * done / (time.perf_counter() - t0)
 
 
 def machine_id() -> str:

@@ -86,7 +86,10 @@ def test_choice_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch)
 def test_step_rate_times_a_copy_and_leaves_the_model_alone():
     net = kd.models.build("lightnn", seed=0)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    rate = sp.step_rate(net, 8, 32, None, True, steps=1, warmup=1)
+    import time
+    t0 = time.perf_counter()
+    rate = sp.step_rate(net, 8, 32, None, True, steps=1, warmup=1, min_seconds=0.3)
+    assert time.perf_counter() - t0 >= 0.3   # a tiny step is repeated until the timing means something
     assert math.isfinite(rate) and rate > 0
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]) and v.is_contiguous(), k
