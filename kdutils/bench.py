@@ -110,7 +110,7 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _time_epochs(train, batches, device, warmup, steps, repeats, batch_size, min_seconds=1.0):
+def time_batches(train, batches, device, warmup, steps, repeats, batch_size, min_seconds=1.0):
     """Median images/s of ``train(batches)`` over ``repeats`` runs of ``steps`` batches each,
     after ``warmup`` batches; ``batches()`` is started again whenever it runs out. Where
     ``steps`` batches take less than ``min_seconds``, more are timed per repeat (a repeat of a
@@ -168,9 +168,9 @@ def bench_setup(name: str, images, labels, *, device, batch_size, warmup, steps,
         loss.backward()
         opt.step()
 
-    row["reference img/s"] = _time_epochs(lambda b: [ref_step(batch) for batch in b], loader, device,
+    row["reference img/s"] = time_batches(lambda b: [ref_step(batch) for batch in b], loader, device,
                                           warmup, steps, repeats, batch_size)
-    row["reference data img/s"] = _time_epochs(lambda b: sum(1 for _ in b), loader, device, 1,
+    row["reference data img/s"] = time_batches(lambda b: sum(1 for _ in b), loader, device, 1,
                                                steps, repeats, batch_size)
 
     # --- kdutils style ----------------------------------------------------------------
@@ -184,9 +184,11 @@ def bench_setup(name: str, images, labels, *, device, batch_size, warmup, steps,
     student = student.to(device, memory_format=cl).train()
     teacher = build(setup.teacher, seed=1).to(device, memory_format=cl).eval() if setup.teacher else None
     step, opt = _step_and_optimizer(setup, student)
-    tl = D.TensorLoader(x, y, batch_size, shuffle=True, augment=setup.augment, device=device,
-                        drop_last=True, channels_last=use_cl, autoaugment=setup.r1_augment,
-                        erasing=0.5 if setup.r1_augment else 0.0)
+    def kd_loader(autoaugment):
+        return D.TensorLoader(x, y, batch_size, shuffle=True, augment=setup.augment, device=device,
+                              drop_last=True, channels_last=use_cl, autoaugment=autoaugment,
+                              erasing=0.5 if setup.r1_augment else 0.0)
+    tl = kd_loader(setup.r1_augment)
     table = None
     if teacher is not None and not setup.augment:  # exact: the teacher sees the same tensors every epoch
         images = D.ImageData(x, y, x[:1], y[:1], D.CIFAR10_CLASSES, "bench")
@@ -195,16 +197,14 @@ def bench_setup(name: str, images, labels, *, device, batch_size, warmup, steps,
     def train(batches):  # the loop every chapter trains with, on the batches fit would give it
         train_epoch(student, batches, step, opt, amp=amp_dtype)
 
-    row["kdutils img/s"] = _time_epochs(
+    row["kdutils img/s"] = time_batches(
         train, lambda: with_teacher(tl, teacher, methods.kd_targets, table, amp_dtype),
         device, warmup, steps, repeats, batch_size)
-    row["kdutils data img/s"] = _time_epochs(lambda b: sum(1 for _ in b), lambda: tl, device, 1,
+    row["kdutils data img/s"] = time_batches(lambda b: sum(1 for _ in b), lambda: tl, device, 1,
                                              steps, repeats, batch_size)
     if setup.r1_augment:  # the same data path with torchvision's AutoAugment image by image
-        per_image = D.TensorLoader(x, y, batch_size, shuffle=True, augment=True, device=device,
-                                   drop_last=True, channels_last=use_cl, erasing=0.5,
-                                   autoaugment=auto_augment_per_image)
-        row["data img/s, AutoAugment per image"] = _time_epochs(
+        per_image = kd_loader(auto_augment_per_image)
+        row["data img/s, AutoAugment per image"] = time_batches(
             lambda b: sum(1 for _ in b), lambda: per_image, device, 1, steps, repeats, batch_size)
         row["data speed-up"] = row["kdutils data img/s"] / row["data img/s, AutoAugment per image"]
     row["speed-up"] = row["kdutils img/s"] / row["reference img/s"]

@@ -27,6 +27,7 @@ import argparse
 import ast
 import dataclasses
 import datetime as dt
+import itertools
 import json
 import os
 import re
@@ -41,6 +42,7 @@ from unittest import mock
 import torch
 
 from . import params, settings
+from .checkpoint import atomic_write_json
 
 RESULTS_CHAPTER = "results"   # reads records only: runs last, in every edition
 
@@ -246,38 +248,27 @@ def _network(arch: str, image_size: int) -> torch.nn.Module:
 def measure_rate(arch: str, teacher: str | None, batch_size: int, image_size: int,
                  device: torch.device, steps: int = 3) -> float:
     """Training images/s of ``arch`` on ``device`` (its teacher's forward pass included),
-    timed over ``steps`` steps of synthetic images after one warm-up step, in the precision
-    and layout a run would use there."""
+    timed by :func:`kdutils.bench.time_batches` (at least ``steps`` steps of synthetic images
+    after one warm-up step) through :func:`kdutils.loop.train_epoch` and
+    :func:`kdutils.loop.with_teacher`, in the precision and layout a run would use there."""
     from . import methods
-    from .loop import train_epoch
+    from .bench import time_batches
+    from .loop import freeze, train_epoch, with_teacher
     from .train import Recipe, Speed, make_optimizer
     model = _network(arch, image_size)
     chosen = Speed().resolve(model, device, batch_size, image_size, measure=False)
     layout = torch.channels_last if chosen["channels_last"] else torch.contiguous_format
     model = model.to(device, memory_format=layout)
-    net_t = _network(teacher, image_size).to(device, memory_format=layout).eval() if teacher else None
+    net_t = freeze(_network(teacher, image_size).to(device, memory_format=layout)) if teacher else None
     step = (methods.byot_step if arch == "resnet18_multiexit"
             else methods.kd_step if teacher else methods.ce_step)
     opt = make_optimizer(model, Recipe(epochs=1))
     x = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=layout)
     y = torch.randint(0, 10, (batch_size,), device=device)
-
-    def batches(k):
-        for _ in range(k):
-            t = None
-            if net_t is not None:
-                with torch.inference_mode(), torch.autocast(device.type, dtype=chosen["amp"],
-                                                            enabled=chosen["amp"] is not None):
-                    t = {"logits": net_t(x).float()}
-            yield x, y, t
-    train_epoch(model, batches(1), step, opt, amp=chosen["amp"])
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    train_epoch(model, batches(steps), step, opt, amp=chosen["amp"])
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return steps * batch_size / (time.perf_counter() - t0)
+    batches = lambda: with_teacher(itertools.repeat((x, y, None)), net_t,  # noqa: E731
+                                   methods.kd_targets, None, chosen["amp"])
+    return time_batches(lambda b: train_epoch(model, b, step, opt, amp=chosen["amp"]), batches,
+                        device, warmup=1, steps=steps, repeats=1, batch_size=batch_size)
 
 
 OVERHEAD = 1.05      # an allowance for what the timed steps leave out: data, checkpoints
@@ -306,10 +297,7 @@ class State:
         return State(path, data.get("chapters", {}))
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"chapters": self.chapters}, indent=1))
-        tmp.replace(self.path)
+        atomic_write_json({"chapters": self.chapters}, self.path)
 
     def done(self, stem: str, values: dict) -> bool:
         entry = self.chapters.get(stem, {})
@@ -495,13 +483,6 @@ def _plan_quiet(ch: Chapter, profile: str) -> list[Work]:
         return []
 
 
-def _value(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m kdutils.edition", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -524,7 +505,7 @@ def main(argv=None) -> dict:
         if "=" not in item:
             ap.error(f"--set takes NAME=VALUE, got {item!r}")
         name, value = item.split("=", 1)
-        overrides[name] = _value(value)
+        overrides[name] = params.literal(value)
     try:
         report = run_edition(args.profile, only=args.chapters, overrides=overrides,
                              budget_min=args.budget, out_dir=args.out, publish=args.publish,

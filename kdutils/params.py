@@ -193,6 +193,16 @@ def device(v):
     raise ValueError(allowed)
 
 
+def literal(text: str) -> Any:
+    """A parameter value typed on a command line: a Python literal (``0.5``, ``[0, 1]``,
+    ``None``), else the word itself (``cpu``, ``onecycle``)."""
+    import ast
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
 # ---- the parameters of each chapter ----
 
 COMMON: dict[str, Callable] = {

@@ -13,7 +13,6 @@ chapter then only reloads them. ``batch_size`` is the global batch, split across
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 from functools import partial
 
@@ -98,13 +97,6 @@ def run(name: str, P) -> list:
     return {"resnet_kd": resnet_kd, "selfdistill": selfdistill, "pretrained": pretrained}[name](P)
 
 
-def _value(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # a plain word: a string parameter ("cpu", "onecycle", ...)
-
-
 def parse(argv=None):
     """``(recipe name, checked parameters)`` from the command line."""
     ap = argparse.ArgumentParser(prog="python -m kdutils.recipes", description=__doc__.split("\n\n")[0],
@@ -124,7 +116,7 @@ def parse(argv=None):
         sub.add_argument(f"--{name}", nargs="+" if name == "seeds" else None,
                          help=f"default: {default!r}")
     args = sub.parse_args(rest)
-    given = {k: (_value(v) if not isinstance(v, list) else [_value(s) for s in v])
+    given = {k: (params.literal(v) if not isinstance(v, list) else [params.literal(s) for s in v])
              for k, v in vars(args).items() if v is not None}
     try:
         return first.recipe, params.check(chapter, **given)

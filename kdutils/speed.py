@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import atomic_write_json
 from .results import cpu_model
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
@@ -196,11 +196,8 @@ def choose_cpu_setting(model: nn.Module, batch_size: int, image_size: int = 32, 
     choice = {"setting": best, "by": "measured", "rates": {k: round(v, 1) for k, v in rates.items()},
               "seconds": round(time.perf_counter() - t0, 2)}
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
         store[key] = choice
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(store, indent=1))
-        tmp.replace(cache)
+        atomic_write_json(store, cache)
     d, cl = by_name[best]
     return {"amp": d, "channels_last": cl, "choice": choice}
 
