@@ -28,10 +28,20 @@ PART_TWO = {"resnet_kd": "resnet", "selfdistill": "selfdistill", "pretrained": "
 RECIPES = {**{k: v[0] for k, v in PART_ONE.items()}, **PART_TWO}
 
 
-def _load(P):
+def _load(P, train_size="students"):
+    train_size = P.train_size if train_size == "students" else train_size
     with dist.main_first():  # rank 0 decodes and caches the images, the others then read the cache
         return D.load_dataset(P.dataset, P.data_dir, image_size=P.get("image_size", 32),
-                              train_size=P.train_size, test_size=P.test_size)
+                              train_size=train_size, test_size=P.test_size)
+
+
+def teacher_data(P, data):
+    """The images a chapter's teacher learns from: the students' ``data``, unless the profile
+    gives the teacher more (``P.teacher_train_size``; None: the whole training set). The test
+    images are the same."""
+    if "teacher_train_size" not in P or P.teacher_train_size == P.train_size:
+        return data
+    return _load(P, P.teacher_train_size)
 
 
 def part_one(name: str, P) -> list:
@@ -46,15 +56,30 @@ def part_one(name: str, P) -> list:
     return [teacher] + runs
 
 
+def resnet_teacher(P, data):
+    """Chapter 8's teacher: a ResNet50 trained by the chapter's SGD recipe for
+    ``P.teacher_epochs`` on :func:`teacher_data` (or loaded when it is finished)."""
+    return teachers.get_teacher("resnet50", teacher_data(P, data),
+                                teachers.sgd_recipe(P, epochs=P.teacher_epochs),
+                                speed=teachers.speed(P), **run_options(P))
+
+
+def resnet_students(P, data, teacher) -> dict:
+    """Chapter 8's students: ResNet18 from the same initial weights per seed, trained on
+    ``data`` with cross-entropy alone and with Hinton KD from ``teacher``."""
+    make = lambda seed: models.build("resnet18", seed=seed)  # noqa: E731
+    return {"ce": methods.run_seeds("ce", make, methods.ce_step, data, P, chapter="resnet"),
+            "kd": methods.run_seeds("kd", make, methods.kd_step, data, P, chapter="resnet",
+                                    teacher=teacher, targets=methods.kd_targets,
+                                    weights={"T": P.T, "alpha": P.alpha})}
+
+
 def resnet_kd(P) -> list:
     """Chapter 8: the ResNet50 teacher, then ResNet18 with cross-entropy and with KD."""
     data = _load(P)
-    teacher = teachers.get_teacher("resnet50", data, teachers.sgd_recipe(P, epochs=P.teacher_epochs),
-                                   speed=teachers.speed(P), **run_options(P))
-    make = lambda seed: models.build("resnet18", seed=seed)  # noqa: E731
-    return ([teacher] + methods.run_seeds("ce", make, methods.ce_step, data, P, chapter="resnet")
-            + methods.run_seeds("kd", make, methods.kd_step, data, P, chapter="resnet", teacher=teacher,
-                                targets=methods.kd_targets, weights={"T": P.T, "alpha": P.alpha}))
+    teacher = resnet_teacher(P, data)
+    students = resnet_students(P, data, teacher)
+    return [teacher] + students["ce"] + students["kd"]
 
 
 def selfdistill(P) -> list:

@@ -160,7 +160,7 @@ def test_recipe_command_line_checks_parameters_before_starting(monkeypatch):
     assert proc.returncode == 2
     assert "parameter 'alpha' = 1.5 is not allowed: it must be a number in [0, 1]" in proc.stderr
     name, P = kd.recipes.parse(["resnet_kd", "--profile", "cpu", "--seeds", "3", "4", "--T", "2"])
-    assert name == "resnet_kd" and P.seeds == [3] and P.T == 2.0 and P.epochs == 3
+    assert name == "resnet_kd" and P.seeds == [3, 4] and P.T == 2.0 and P.epochs == 3
 
 
 def test_shard_rejects_a_batch_that_does_not_split_evenly():

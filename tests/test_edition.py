@@ -53,8 +53,11 @@ def test_plans_follow_the_profile_and_estimates_add_up():
         ("resnet18", 50_000, 30, 3, False)]
     assert fast[2].teacher == "resnet50" and fast[1].teacher is None
     cpu = E.plan(ch, E.checked(ch, {"profile": "cpu"}))
-    assert {w.images for w in cpu} == {5_000} and {w.eval_images for w in cpu} == {1_000}
-    assert cpu[1].runs == 1
+    # the cpu profile's teacher learns from every training image, its students from a tenth
+    assert [(w.images, w.epochs, w.runs) for w in cpu] == [(50_000, 1, 1), (5_000, 3, 3), (5_000, 3, 3)]
+    assert {w.eval_images for w in cpu} == {10_000}
+    smoke = E.plan(ch, E.checked(ch, {"profile": "smoke"}))
+    assert {w.images for w in smoke} == {320}
     rates = {"resnet50": 100.0, "resnet18": 400.0}
     seconds = E.estimate(fast, lambda w: rates[w.arch])
     per_epoch = 50_000 + 10_000 / E.EVAL_SPEED_UP   # training images, then the test set

@@ -307,13 +307,30 @@ def test_chapter_10_without_imagenet_weights_asks_for_chapter_6s_own_teacher(mon
 def test_part_two_profiles(monkeypatch):
     monkeypatch.delenv("KD_PROFILE", raising=False)  # the suite forces smoke otherwise
     cpu = kd.params.check("resnet", profile="cpu")
-    assert (cpu.train_size, cpu.epochs, cpu.teacher_epochs, cpu.seeds, cpu.schedule) == (5000, 3, 4, [0], "onecycle")
+    assert (cpu.train_size, cpu.epochs, cpu.teacher_epochs, cpu.seeds, cpu.schedule) == (5000, 3, 1, [0, 1, 2], "onecycle")
+    # its teacher learns from every training image; everything is tested on every test image
+    assert (cpu.teacher_train_size, cpu.test_size) == (None, None)
+    assert "teacher_train_size" not in kd.params.check("resnet", profile="smoke")
+    assert "teacher_train_size" not in kd.params.check("selfdistill", profile="cpu")
     assert kd.params.check("resnet").epochs == 200
     assert kd.params.check("pretrained", profile="cpu").dataset == "cifar10"
     with pytest.raises(kd.params.ParameterError, match=r"parameter 'profile' = 'cpu' is not allowed: it must be one of 'full', 'smoke'"):
         kd.params.check("hinton", profile="cpu")
     with pytest.raises(kd.params.ParameterError, match="parameter 'amp' = 'fp8'"):
         kd.params.check("resnet", amp="fp8")
+
+
+def test_chapter_8_teacher_learns_from_the_images_its_profile_gives_it(monkeypatch):
+    monkeypatch.delenv("KD_PROFILE", raising=False)
+    data, loaded, asked = _tiny(), [], {}
+    monkeypatch.setattr(kd.recipes, "_load", lambda P, train_size="students": loaded.append(train_size) or "all")
+    smoke, cpu = kd.params.check("resnet", profile="smoke"), kd.params.check("resnet", profile="cpu")
+    assert kd.recipes.teacher_data(smoke, data) is data and loaded == []   # the students' images
+    assert kd.recipes.teacher_data(cpu, data) == "all" and loaded == [None]  # every training image
+    monkeypatch.setattr(kd.teachers, "get_teacher", lambda name, d, recipe, **kw: asked.update(
+        name=name, data=d, epochs=recipe.epochs, test=kw["profile"]))
+    kd.recipes.resnet_teacher(cpu, data)
+    assert asked == {"name": "resnet50", "data": "all", "epochs": 1, "test": "cpu"}
 
 
 def test_imagenet_sized_datasets_fail_clearly_offline(tmp_path):
