@@ -21,8 +21,8 @@ with _warnings.catch_warnings():
     import tqdm.auto  # noqa: F401
 
 from . import (airbench, autoaugment, checkpoint, data, dist, loop, losses, methods,  # noqa: F401
-               models, params, plots, recipes, regimes, results, runs, settings, speed, teachers,
-               train)
-from .plots import show_code  # noqa: F401
+               models, notebook, params, plots, recipes, regimes, results, runs, settings, speed,
+               teachers, train)
+from .notebook import show_code  # noqa: F401
 
 __version__ = "0.1.0"

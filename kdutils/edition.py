@@ -345,6 +345,25 @@ def chapter_values(chapter: Chapter, profile: str, overrides: dict) -> dict:
 Costs = list  # [(teacher key or None, seconds)]: what a chapter costs, its teachers apart
 
 
+def within_budget(pending: list, budget_min: float | None, report: dict) -> list:
+    """The ``(chapter, values)`` of ``pending`` (``(chapter, values, costs)`` in edition order)
+    that fit ``budget_min`` minutes (all without one). A teacher shared by several chapters is
+    paid by the first chosen; each chapter's estimate goes to ``report["estimates"]``, each
+    chapter that does not fit to ``report["left_out"]``."""
+    left = None if budget_min is None else budget_min * 60
+    chosen, paid = [], set()
+    for ch, values, costs in pending:
+        est = sum(c for key, c in costs if key is None or key not in paid)
+        report["estimates"][ch.stem] = est
+        if left is not None and est > left:
+            report["left_out"].append(ch.stem)
+            continue
+        chosen.append((ch, values))
+        paid |= {key for key, _ in costs if key is not None}
+        left = None if left is None else left - est
+    return chosen
+
+
 def run_edition(profile: str, *, root: Path | None = None, only: list[str] | None = None,
                 overrides: dict | None = None, budget_min: float | None = None,
                 out_dir: Path | None = None, publish: bool = False, restart: bool = False,
@@ -392,17 +411,7 @@ def run_edition(profile: str, *, root: Path | None = None, only: list[str] | Non
         pending.append((ch, values, costs))
         log(f"{ch.stem}: about {sum(c for _, c in costs) / 60:.1f} min "
             f"(estimated in {time.perf_counter() - t0:.0f} s)")
-    left = None if budget_min is None else budget_min * 60
-    chosen, paid = [], set()
-    for ch, values, costs in pending:
-        est = sum(c for key, c in costs if key is None or key not in paid)
-        report["estimates"][ch.stem] = est
-        if left is not None and est > left:
-            report["left_out"].append(ch.stem)
-            continue
-        chosen.append((ch, values))
-        paid |= {key for key, _ in costs if key is not None}
-        left = None if left is None else left - est
+    chosen = within_budget(pending, budget_min, report)
     if report["left_out"]:
         log(f"left out (over the {budget_min:g}-minute budget): {', '.join(report['left_out'])}")
     if estimate_only:

@@ -2,11 +2,12 @@
 
 A method is two small functions: ``*_targets(teacher, x) -> dict`` (what the loss needs from
 the frozen teacher) and ``*_step(model, x, y, t) -> loss``. The chapters display them with
-:func:`kdutils.show`; :func:`run_method` trains one method over several seeds with the one loop.
+:func:`kdutils.show`; :func:`train_seeds` trains a method over several seeds with the one loop.
 """
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 from functools import partial
 from typing import Callable, NamedTuple
 
@@ -18,9 +19,9 @@ from .dist import device_for, world
 from .hooks import capture
 from .losses import byot_loss, ce_loss, cosine_terms, hint_terms, kd_terms, pool_to_dim
 from .models import build
-from .settings import run_options
-from .teachers import sgd_recipe, speed
+from .speed import Speed
 from .loop import ce_step  # noqa: F401 (chapter 2's step, listed in METHODS)
+from .loop import freeze
 from .train import Recipe, Run, fit, is_finished, pick_device, precompute_teacher, run_paths
 
 STUDENT_HIDDEN = 1024  # LightNN's flattened feature map: 16 x 8 x 8
@@ -126,45 +127,72 @@ METHODS = {
 }
 
 
-def run_method(method: str, data, *, seeds, epochs, batch_size=128, lr=1e-3, teacher: Run | None = None,
-               profile="full", device="auto", ckpt_dir=None, results_dir=None, progress=True,
-               **weights) -> list[Run]:
-    """Train the student of ``method`` once per seed (or reload finished runs); one record each.
+def train_seeds(method: str, data, *, seeds, recipe: Recipe, teacher: Run | None = None,
+                make: Callable[[int], nn.Module] | None = None, step: Callable | None = None,
+                targets: Callable | None = None, chapter: str | None = None,
+                weights: dict | None = None, speed: Speed = Speed(), select: str = "last",
+                profile="full", device="auto", ckpt_dir=None, results_dir=None,
+                progress=True) -> list[Run]:
+    """Train ``method``'s student once per seed in ``seeds`` by ``recipe`` (its ``seed``
+    replaced by each), or reload the runs that are finished; one record each.
 
-    The teacher's outputs are computed once and shared by all seeds (exact: no augmentation).
-    ``weights`` are the method's loss weights (``T``, ``alpha``, ...); missing ones take R5's.
+    A method of :data:`METHODS` brings its step, teacher targets, student and home chapter
+    (``make`` and ``chapter`` may be overridden: Part II trains ``ce`` and ``kd`` on ResNets),
+    and its loss weights default to the step's; ``weights`` sets some of them. Any other
+    method names its ``make``, ``step`` and ``chapter`` (and ``targets`` with a teacher), and
+    ``weights`` are its step's keyword arguments as recorded. Without augmentation the
+    teacher's outputs are computed once, in the memory layout the runs use, and shared by
+    all seeds (exact: an image is the same tensor every epoch); with it the teacher runs on
+    every batch. (With fixed views, or a layout the CPU chooser measures per run, each run
+    computes its own table.)
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    chapter, step, targets, make = METHODS[method]
-    unknown = set(weights) - set(METHODS[method].weights)
-    if unknown:
-        raise ValueError(f"method {method!r} takes the weights {tuple(METHODS[method].weights)}, "
-                         f"not {sorted(unknown)}")
-    w = {**METHODS[method].weights, **weights}
+    weights = dict(weights or {})
+    entry = METHODS.get(method)
+    if entry is not None:
+        if step not in (None, entry.step) or targets not in (None, entry.targets):
+            raise ValueError(f"method {method!r} is registered with {entry.step.__name__}: "
+                             "give another step under another name")
+        unknown = set(weights) - set(entry.weights)
+        if unknown:
+            raise ValueError(f"method {method!r} takes the weights {tuple(entry.weights)}, "
+                             f"not {sorted(unknown)}")
+        weights = {**entry.weights, **weights}
+        step, targets = entry.step, entry.targets
+        make, chapter = make or entry.make, chapter or entry.chapter
+    elif make is None or step is None or chapter is None:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)} (any other "
+                         "method needs make, step and chapter)")
     if targets is not None and teacher is None:
         raise ValueError(f"method {method!r} needs a teacher")
-    step_fn = partial(step, **w) if w else step
-    shared = dict(chapter=chapter, method=method, step=step_fn, params=w, profile=profile,
-                  device=device, ckpt_dir=ckpt_dir, results_dir=results_dir, progress=progress)
-    outputs = None
-    runs = []
+    if teacher is not None and targets is None:
+        raise ValueError(f"method {method!r} was given a teacher but no targets (what its step needs from it)")
+    step_fn = partial(step, **weights) if weights else step
+    options = dict(chapter=chapter, method=method, step=step_fn, params=weights, speed=speed,
+                   select=select, profile=profile, device=device, ckpt_dir=ckpt_dir,
+                   results_dir=results_dir, progress=progress)
+    if teacher is not None:
+        options.update(teacher=teacher.model, teacher_targets=targets,
+                       teacher_key=teacher.record["run_key"])
+    runs, shared = [], None
     for seed in seeds:
-        recipe = Recipe(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
-        model = make(seed)
-        kw = {}
-        if targets is not None:
-            kw = dict(teacher=teacher.model, teacher_targets=targets,
-                      teacher_key=teacher.record["run_key"])
-            _, ckpt, _ = run_paths(model, data, recipe, chapter=chapter, method=method, params=w,
-                                   profile=profile, teacher_key=kw["teacher_key"], ckpt_dir=ckpt_dir)
-            if outputs is None and not is_finished(ckpt, recipe.epochs):  # a reload needs no teacher pass
-                dev = pick_device(device_for(str(device), world()))
-                outputs = precompute_teacher(teacher.model.to(dev).eval(), targets, data, dev)
-            kw["teacher_outputs"] = outputs
-        runs.append(fit(model, data, recipe, **shared, **kw))
+        seed_recipe, model = replace(recipe, seed=seed), make(seed)
+        if (shared is None and teacher is not None and not seed_recipe.augments
+                and not seed_recipe.views and not speed.measure):
+            _, ckpt, _ = run_paths(model, data, seed_recipe, chapter=chapter, method=method,
+                                   params=weights, profile=profile, teacher_key=options["teacher_key"],
+                                   ckpt_dir=ckpt_dir)
+            if not is_finished(ckpt, seed_recipe.epochs):  # a reload needs no teacher pass
+                shared = _teacher_outputs(teacher.model, targets, data, speed, device)
+        runs.append(fit(model, data, seed_recipe, teacher_outputs=shared, **options))
     return runs
 
+
+def _teacher_outputs(teacher: nn.Module, targets: Callable, data, speed: Speed, device) -> dict:
+    """The teacher's ``targets`` for every training image, with the teacher on the device and
+    in the memory layout that :func:`kdutils.train.fit` gives it for a run with ``speed``."""
+    dev = pick_device(device_for(str(device), world()))
+    layout = torch.channels_last if speed.layout(dev) else torch.contiguous_format
+    return precompute_teacher(freeze(teacher.to(dev, memory_format=layout)), targets, data, dev)
 
 
 # ---- Part II: self-distillation across exits (R1) -----------------------------------------
@@ -264,27 +292,6 @@ def feature_kd_step(model, x, y, t, *, feature_weight=0.3):
         logits = model(x)
     s_map, t_map = match_maps(model.proj(f[model.layer]), t["map"])
     return (1 - feature_weight) * ce_loss(logits, y) + feature_weight * F.mse_loss(s_map, t_map.float())
-
-
-def run_seeds(method: str, make, step, data, P, *, chapter: str, recipe=None, teacher: Run | None = None,
-              targets=None, weights: dict | None = None, select: str = "last") -> list[Run]:
-    """Train ``make(seed)`` with ``step`` once per seed in ``P.seeds`` (or reload finished runs).
-
-    The Part II counterpart of :func:`run_method`: ``recipe(seed)`` gives each run's recipe
-    (default: :func:`kdutils.teachers.sgd_recipe`), ``weights`` are the loss's keyword
-    arguments (recorded with the run), and ``P``'s fast-path switches apply.
-    """
-    weights = dict(weights or {})
-    recipe = recipe or (lambda seed: sgd_recipe(P, seed=seed))
-    step_fn = partial(step, **weights) if weights else step
-    runs = []
-    for seed in P.seeds:
-        runs.append(fit(make(seed), data, recipe(seed), chapter=chapter, method=method,
-                        step=step_fn, teacher=teacher.model if teacher else None,
-                        teacher_targets=targets,
-                        teacher_key=teacher.record["run_key"] if teacher else None,
-                        params=weights, speed=speed(P), select=select, **run_options(P)))
-    return runs
 
 
 def seeded(build_fn, seed: int):

@@ -1,21 +1,8 @@
-"""Figures and displays used by the chapters (matplotlib; chapter 1 on)."""
+"""Figures used by the chapters (matplotlib; chapter 1 on)."""
 from __future__ import annotations
-
-import inspect
 
 import matplotlib.pyplot as plt
 import torch
-
-
-def show_code(*objects) -> "object":
-    """Display the source of kdutils functions or classes in a notebook, as a code block.
-
-    The chapters use it so that the method under study is visible where it is discussed,
-    while the code itself lives once, in the package.
-    """
-    from IPython.display import Markdown
-    src = "\n\n".join(inspect.getsource(o).rstrip() for o in objects)
-    return Markdown(f"```python\n{src}\n```")
 
 
 def image_grid(x_uint8: torch.Tensor, labels=None, classes=None, ncols: int = 10, size: float = 1.1):
@@ -70,21 +57,6 @@ def accuracy_points(records, label: str = "method", ax=None, title=None):
     if title:
         ax.set_title(title, fontsize=10)
     return ax
-
-
-def glue(name: str, value, display: bool = False):
-    """Store ``value`` for the book's prose (myst-nb ``glue``); a no-op where myst-nb is absent.
-
-    In a chapter's text, ``{glue:text}`name:.2f``` then shows the number of the run that
-    produced the committed outputs, never a number typed by hand.
-    """
-    try:
-        from myst_nb import glue as _glue
-    except ImportError:  # e.g. on Colab: the prose is read in the rendered book anyway
-        return
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        value = value.item()  # numpy / torch scalars: glue formats plain Python numbers only
-    _glue(name, value, display=display)
 
 
 def accuracy_vs_time(runs: dict, ax=None, title=None):

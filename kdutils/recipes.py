@@ -20,7 +20,8 @@ from . import data as D
 from . import dist, methods, models, params, teachers
 from .results import to_frame
 from .settings import run_options
-from .train import Recipe
+from .speed import Speed
+from .train import Recipe, sgd_recipe
 
 PART_ONE = {"baseline": ("baseline", "ce"), "hinton_kd": ("hinton", "kd"),
             "cosine": ("cosine", "cosine"), "regressor": ("regressor", "hint")}
@@ -35,6 +36,20 @@ def _load(P, train_size="students"):
                               train_size=train_size, test_size=P.test_size)
 
 
+def part_one(name: str, P) -> list:
+    """Chapters 2-5: the DeepNN teacher (trained or loaded), then the chapter's students."""
+    chapter, method = PART_ONE[name]
+    data = _load(P)
+    teacher = teachers.get_teacher(P.teacher, data,
+                                   teachers.teacher_recipe(P.teacher_epochs, P.batch_size, P.lr), **run_options(P))
+    weights = {k: P[k] for k in methods.METHODS[method].weights}
+    runs = methods.train_seeds(method, data, seeds=P.seeds,
+                               recipe=Recipe(epochs=P.epochs, batch_size=P.batch_size, lr=P.lr),
+                               teacher=None if method == "ce" else teacher, weights=weights,
+                               **run_options(P))
+    return [teacher] + runs
+
+
 def teacher_data(P, data):
     """The images a chapter's teacher learns from: the students' ``data``, unless the profile
     gives the teacher more (``P.teacher_train_size``; None: the whole training set). The test
@@ -44,34 +59,28 @@ def teacher_data(P, data):
     return _load(P, P.teacher_train_size)
 
 
-def part_one(name: str, P) -> list:
-    """Chapters 2-5: the DeepNN teacher (trained or loaded), then the chapter's students."""
-    chapter, method = PART_ONE[name]
-    data = _load(P)
-    teacher = teachers.get_teacher(P.teacher, data,
-                                   teachers.teacher_recipe(P.teacher_epochs, P.batch_size, P.lr), **run_options(P))
-    weights = {k: P[k] for k in methods.METHODS[method].weights}
-    runs = methods.run_method(method, data, seeds=P.seeds, epochs=P.epochs, batch_size=P.batch_size,
-                              lr=P.lr, teacher=None if method == "ce" else teacher, **run_options(P), **weights)
-    return [teacher] + runs
+def part_two(P) -> dict:
+    """What every Part II student run takes from the chapter's parameters: its seeds, the
+    SGD recipe, the speed switches and the run options."""
+    return dict(seeds=P.seeds, recipe=sgd_recipe(P), speed=Speed.from_params(P), **run_options(P))
 
 
 def resnet_teacher(P, data):
     """Chapter 8's teacher: a ResNet50 trained by the chapter's SGD recipe for
     ``P.teacher_epochs`` on :func:`teacher_data` (or loaded when it is finished)."""
     return teachers.get_teacher("resnet50", teacher_data(P, data),
-                                teachers.sgd_recipe(P, epochs=P.teacher_epochs),
-                                speed=teachers.speed(P), **run_options(P))
+                                sgd_recipe(P, epochs=P.teacher_epochs),
+                                speed=Speed.from_params(P), **run_options(P))
 
 
 def resnet_students(P, data, teacher) -> dict:
     """Chapter 8's students: ResNet18 from the same initial weights per seed, trained on
     ``data`` with cross-entropy alone and with Hinton KD from ``teacher``."""
     make = lambda seed: models.build("resnet18", seed=seed)  # noqa: E731
-    return {"ce": methods.run_seeds("ce", make, methods.ce_step, data, P, chapter="resnet"),
-            "kd": methods.run_seeds("kd", make, methods.kd_step, data, P, chapter="resnet",
-                                    teacher=teacher, targets=methods.kd_targets,
-                                    weights={"T": P.T, "alpha": P.alpha})}
+    common = dict(make=make, chapter="resnet", **part_two(P))
+    return {"ce": methods.train_seeds("ce", data, **common),
+            "kd": methods.train_seeds("kd", data, teacher=teacher,
+                                      weights={"T": P.T, "alpha": P.alpha}, **common)}
 
 
 def resnet_kd(P) -> list:
@@ -82,37 +91,55 @@ def resnet_kd(P) -> list:
     return [teacher] + students["ce"] + students["kd"]
 
 
+def byot_runs(P, data, **weights) -> list:
+    """Chapter 9's four-exit ResNet18 trained with BYOT's loss: ``P``'s loss weights, any of
+    them replaced by ``weights`` (e.g. ``detach_teacher=False``)."""
+    chosen = {"T": P.T, "kd_weight": P.kd_weight, "feature_weight": P.feature_weight,
+              "detach_teacher": P.detach_teacher, **weights}
+    return methods.train_seeds("byot", data, make=lambda s: models.build("resnet18_multiexit", seed=s),
+                               step=methods.byot_step, chapter="selfdistill", weights=chosen,
+                               **part_two(P))
+
+
+def plain_resnet18(P, data) -> list:
+    """Chapter 9's baseline, the plain ResNet18 with cross-entropy: chapter 8's own runs when
+    the recipe is chapter 8's (no AutoAugment or erasing), so that they are trained once."""
+    same_as_chapter_8 = not (P.autoaugment or P.erasing)
+    return methods.train_seeds("ce", data, make=lambda s: models.build("resnet18", seed=s),
+                               chapter="resnet" if same_as_chapter_8 else "selfdistill", **part_two(P))
+
+
 def selfdistill(P) -> list:
     """Chapter 9's main result: the four-exit ResNet18 and the plain one, same recipe."""
     data = _load(P)
-    weights = {"T": P.T, "kd_weight": P.kd_weight, "feature_weight": P.feature_weight,
-               "detach_teacher": P.detach_teacher}
-    same_as_chapter_7 = not (P.autoaugment or P.erasing)
-    return (methods.run_seeds("byot", lambda s: models.build("resnet18_multiexit", seed=s),
-                              methods.byot_step, data, P, chapter="selfdistill", weights=weights)
-            + methods.run_seeds("ce", lambda s: models.build("resnet18", seed=s), methods.ce_step,
-                                data, P, chapter="resnet" if same_as_chapter_7 else "selfdistill"))
+    return byot_runs(P, data) + plain_resnet18(P, data)
+
+
+def pretrained_students(P, data, chosen) -> dict:
+    """Chapter 10's students, small CNNs trained by R4's recipe (Adam, no augmentation): with
+    cross-entropy alone, with logit KD and with feature KD from ``chosen``
+    (:func:`kdutils.teachers.pretrained_teacher`)."""
+    small = lambda seed: methods.seeded(lambda: models.SmallCNN(image_size=P.image_size), seed)  # noqa: E731
+    with_proj = lambda seed: methods.seeded(  # noqa: E731
+        lambda: methods.FeatureKDStudent(models.SmallCNN(image_size=P.image_size),
+                                         teacher_ch=chosen.channels), seed)
+    common = dict(part_two(P), chapter="pretrained",
+                  recipe=Recipe(epochs=P.epochs, batch_size=P.batch_size, lr=P.lr, schedule=P.schedule))
+    teacher = chosen.run
+    return {"ce": methods.train_seeds("ce", data, make=small, **common),
+            "kd": methods.train_seeds("kd", data, make=small, teacher=teacher,
+                                      weights={"T": P.T, "alpha": P.alpha}, **common),
+            "feature-kd": methods.train_seeds(
+                "feature-kd", data, make=with_proj, step=methods.feature_kd_step, teacher=teacher,
+                targets=partial(methods.feature_targets, layer=chosen.layer),
+                weights={"feature_weight": P.feature_weight}, **common)}
 
 
 def pretrained(P) -> list:
     """Chapter 10: the pretrained (or fallback) teacher and the three small-CNN students."""
     data = _load(P)
     chosen = teachers.pretrained_teacher(P, data)
-    teacher = chosen.run
-    recipe = lambda seed: Recipe(epochs=P.epochs, batch_size=P.batch_size, lr=P.lr,  # noqa: E731
-                                 schedule=P.schedule, seed=seed)
-    small = lambda seed: methods.seeded(lambda: models.SmallCNN(image_size=P.image_size), seed)  # noqa: E731
-    with_proj = lambda seed: methods.seeded(  # noqa: E731
-        lambda: methods.FeatureKDStudent(models.SmallCNN(image_size=P.image_size),
-                                         teacher_ch=chosen.channels), seed)
-    common = dict(chapter="pretrained", recipe=recipe)
-    return ([teacher]
-            + methods.run_seeds("ce", small, methods.ce_step, data, P, **common)
-            + methods.run_seeds("kd", small, methods.kd_step, data, P, teacher=teacher,
-                                targets=methods.kd_targets, weights={"T": P.T, "alpha": P.alpha}, **common)
-            + methods.run_seeds("feature-kd", with_proj, methods.feature_kd_step, data, P,
-                                teacher=teacher, targets=partial(methods.feature_targets, layer=chosen.layer),
-                                weights={"feature_weight": P.feature_weight}, **common))
+    return [chosen.run] + [run for runs in pretrained_students(P, data, chosen).values() for run in runs]
 
 
 def run(name: str, P) -> list:

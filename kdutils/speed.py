@@ -220,6 +220,12 @@ class Speed:
     compile: bool = False
     measure: bool = False
 
+    @classmethod
+    def from_params(cls, P) -> "Speed":
+        """The switches a Part II chapter's parameters ``P`` set: ``amp``, ``channels_last``
+        and ``compile``."""
+        return cls(channels_last=P.channels_last, amp=P.amp, compile=P.compile)
+
     def layout(self, device: torch.device) -> bool:
         """Whether to use channels_last on ``device``, before any measurement."""
         return choose_layout(self.channels_last, device.type)

@@ -26,21 +26,6 @@ def teacher_recipe(epochs: int, batch_size: int = 128, lr: float = 1e-3, seed: i
     return Recipe(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
 
 
-def sgd_recipe(P, *, epochs: int | None = None, seed: int = 0) -> Recipe:
-    """Part II's recipe from a chapter's parameters ``P``: SGD (momentum 0.9, weight decay
-    5e-4), random crop + flip, ``P.schedule`` and, where the chapter has them, AutoAugment
-    and RandomErasing (R1). ``epochs`` defaults to ``P.epochs``."""
-    return Recipe(epochs=epochs or P.epochs, batch_size=P.batch_size, lr=P.lr, optimizer="sgd",
-                  momentum=0.9, weight_decay=5e-4, schedule=P.schedule, augment=True,
-                  seed=seed, autoaugment=P.get("autoaugment", False),
-                  erasing=P.get("erasing", 0.0))
-
-
-def speed(P) -> Speed:
-    """The fast-path switches of a Part II chapter's parameters."""
-    return Speed(channels_last=P.channels_last, amp=P.amp, compile=P.compile)
-
-
 def get_teacher(name: str, data, recipe: Recipe, *, profile: str = "full", device="auto",
                 ckpt_dir=None, results_dir=None, progress: bool = True,
                 train_if_missing: bool = True, speed: Speed = Speed()) -> Run:
@@ -98,7 +83,7 @@ def pretrained_teacher(P, data) -> PretrainedTeacher:
       sizes, torchvision's stem above 64 px; SGD one-cycle, peak 0.05, crop + flip).
     """
     opts = settings.run_options(P)
-    kw = dict(opts, speed=speed(P))
+    kw = dict(opts, speed=Speed.from_params(P))
     if P.teacher_weights == "imagenet":
         recipe = Recipe(epochs=P.teacher_epochs, batch_size=P.batch_size, lr=1e-3,
                         optimizer="sgd", momentum=0.9)

@@ -107,6 +107,16 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+def sgd_recipe(P, *, epochs: int | None = None, seed: int = 0) -> Recipe:
+    """Part II's recipe from a chapter's parameters ``P``: SGD (momentum 0.9, weight decay
+    5e-4), random crop + flip, ``P.schedule`` and, where the chapter has them, AutoAugment
+    and RandomErasing (R1). ``epochs`` defaults to ``P.epochs``."""
+    return Recipe(epochs=epochs or P.epochs, batch_size=P.batch_size, lr=P.lr, optimizer="sgd",
+                  momentum=0.9, weight_decay=5e-4, schedule=P.schedule, augment=True,
+                  seed=seed, autoaugment=P.get("autoaugment", False),
+                  erasing=P.get("erasing", 0.0))
+
+
 def make_optimizer(model: nn.Module, r: Recipe) -> torch.optim.Optimizer:
     """The recipe's optimiser over the model's trainable parameters."""
     trainable = [p for p in model.parameters() if p.requires_grad]

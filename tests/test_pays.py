@@ -248,10 +248,11 @@ def test_runs_that_differ_only_in_a_weight_are_not_averaged_as_seeds(dirs):
     data = _tiny(100)
     teacher = kd.teachers.get_teacher("lightnn", data, kd.train.Recipe(epochs=1, batch_size=50),
                                       profile="t", **dirs)
-    a = kd.methods.run_method("kd", data, seeds=[0, 1], epochs=1, batch_size=20, teacher=teacher,
-                              profile="t", T=2.0, **dirs)
-    b = kd.methods.run_method("kd", data, seeds=[0], epochs=1, batch_size=20, teacher=teacher,
-                              profile="t", T=4.0, **dirs)
+    recipe = kd.train.Recipe(epochs=1, batch_size=20)
+    a = kd.methods.train_seeds("kd", data, seeds=[0, 1], recipe=recipe, teacher=teacher, profile="t",
+                               weights={"T": 2.0}, **dirs)
+    b = kd.methods.train_seeds("kd", data, seeds=[0], recipe=recipe, teacher=teacher, profile="t",
+                               weights={"T": 4.0}, **dirs)
     records = kd.results.load_records(dirs["results_dir"], chapter="hinton")
     table = kd.results.summarize(records).set_index("variant")
     assert list(table["seeds"].sort_index()) == [2, 1]

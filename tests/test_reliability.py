@@ -34,8 +34,8 @@ WORKER = textwrap.dedent("""
                            chapter="selfdistill", method="byot", step=kd.methods.byot_step, **dirs)
     else:
         teacher = kd.teachers.get_teacher("lightnn", data, kd.train.Recipe(epochs=1, batch_size=50), **dirs)
-        runs = kd.methods.run_method(method, data, seeds=[3], epochs=epochs, batch_size=50,
-                                     teacher=teacher, **dirs)
+        runs = kd.methods.train_seeds(method, data, seeds=[3], recipe=kd.train.Recipe(epochs=epochs, batch_size=50),
+                                      teacher=None if method == "ce" else teacher, **dirs)
         run = runs[0]
     torch.save(run.model.state_dict(), ckpt + "/final.pt")
     print(json.dumps({"resumed_from": run.resumed_from_epoch, "acc": run.test_acc,

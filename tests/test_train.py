@@ -1,5 +1,6 @@
 """The training loop: frozen teachers, resume, records, the teacher cache, and failures."""
 import json
+import pathlib
 import pickle
 
 import pytest
@@ -124,7 +125,7 @@ def test_run_record_holds_what_produced_the_number(tiny, dirs, tmp_path):
 
 
 def test_summaries_give_mean_and_std_over_seeds(tiny, dirs):
-    runs = kd.methods.run_method("ce", tiny, seeds=[0, 1, 2], epochs=1, batch_size=32, **dirs)
+    runs = kd.methods.train_seeds("ce", tiny, seeds=[0, 1, 2], recipe=Recipe(epochs=1, batch_size=32), **dirs)
     table = kd.results.summarize(kd.results.load_records(dirs["results_dir"]))
     accs = torch.tensor([r.test_acc for r in runs], dtype=torch.float64)
     assert table.loc[0, "seeds"] == 3
@@ -210,12 +211,21 @@ def test_missing_teacher_is_named_when_training_it_is_not_allowed(tiny, dirs):
 
 
 def test_unknown_method_and_missing_teacher_for_a_method(tiny, dirs):
-    with pytest.raises(ValueError, match="unknown method 'dkd'; known: ce, kd, cosine, hint"):
-        kd.methods.run_method("dkd", tiny, seeds=[0], epochs=1, **dirs)
+    one = dict(seeds=[0], recipe=Recipe(epochs=1), **dirs)
+    with pytest.raises(ValueError, match="unknown method 'dkd'; known: ce, kd, cosine, hint .any other "
+                                         "method needs make, step and chapter"):
+        kd.methods.train_seeds("dkd", tiny, **one)
     with pytest.raises(ValueError, match="method 'kd' needs a teacher"):
-        kd.methods.run_method("kd", tiny, seeds=[0], epochs=1, **dirs)
-    with pytest.raises(ValueError, match="takes the weights"):
-        kd.methods.run_method("kd", tiny, seeds=[0], epochs=1, teacher=None, beta=1.0, **dirs)
+        kd.methods.train_seeds("kd", tiny, **one)
+    with pytest.raises(ValueError, match=r"method 'kd' takes the weights \('T', 'alpha'\), not \['beta'\]"):
+        kd.methods.train_seeds("kd", tiny, weights={"beta": 1.0}, **one)
+    with pytest.raises(ValueError, match="method 'kd' is registered with kd_step: give another step under another name"):
+        kd.methods.train_seeds("kd", tiny, step=kd.methods.cosine_step, **one)
+    teacher = _teacher(tiny, dirs)
+    with pytest.raises(ValueError, match="method 'mine' was given a teacher but no targets"):
+        kd.methods.train_seeds("mine", tiny, make=lambda s: kd.models.build("lightnn", seed=s),
+                               step=kd.methods.ce_step, chapter="t", teacher=teacher, **one)
+    assert not (pathlib.Path(dirs["results_dir"]) / "hinton").exists()  # nothing trained
 
 
 def test_unwritable_checkpoint_folder_is_refused(tiny, tmp_path):
@@ -242,14 +252,14 @@ def test_fit_leaves_the_callers_random_state_alone(tiny, dirs):
 
 
 def test_summaries_can_group_by_any_record_field(tiny, dirs):
-    kd.methods.run_method("ce", tiny, seeds=[0, 1], epochs=1, batch_size=32, **dirs)
+    kd.methods.train_seeds("ce", tiny, seeds=[0, 1], recipe=Recipe(epochs=1, batch_size=32), **dirs)
     table = kd.results.summarize(kd.results.load_records(dirs["results_dir"]),
                                  by=["chapter", "method", "profile", "data_source", "model"])
     assert table.loc[0, "seeds"] == 2 and table.loc[0, "data_source"] == "synthetic"
 
 
 def test_to_frame_gives_the_records_that_load_records_reads(tiny, dirs):
-    runs = kd.methods.run_method("ce", tiny, seeds=[0, 1], epochs=1, batch_size=32, **dirs)
+    runs = kd.methods.train_seeds("ce", tiny, seeds=[0, 1], recipe=Recipe(epochs=1, batch_size=32), **dirs)
     a = kd.results.to_frame(runs)
     b = kd.results.load_records(dirs["results_dir"])
     assert list(a["run_key"]) == list(b["run_key"]) and list(a["test_acc"]) == list(b["test_acc"])
@@ -274,3 +284,33 @@ def test_named_loss_terms_train_like_their_sum_and_are_recorded_per_epoch(tiny, 
         # the mean of a sum is the sum of the means, up to float rounding
         assert row["loss_terms"]["kd"] + row["loss_terms"]["ce"] == pytest.approx(row["train_loss"], rel=1e-5)
         assert row["loss_terms"]["kd"] > 0 and row["loss_terms"]["ce"] > 0
+
+
+def test_seeds_share_one_teacher_pass_equal_to_each_runs_own(tiny, dirs, tmp_path, monkeypatch):
+    """Without augmentation train_seeds runs the teacher once for all seeds, in the layout the
+    runs use (channels_last here), and every run ends bitwise where it would with its own pass."""
+    from dataclasses import replace
+    from functools import partial
+    teacher = _teacher(tiny, dirs)
+    passes = []
+    real = kd.methods.precompute_teacher
+    counted = lambda *a, **k: passes.append(1) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(kd.methods, "precompute_teacher", counted)   # train_seeds' shared pass
+    monkeypatch.setattr(kd.train, "precompute_teacher", counted)     # fit's own
+    speed, recipe = kd.speed.Speed(channels_last=True), Recipe(epochs=1, batch_size=32)
+    shared = kd.methods.train_seeds("kd", tiny, seeds=[0, 1], recipe=recipe, teacher=teacher, speed=speed,
+                                    weights={"T": 2.0}, **dirs)
+    assert len(passes) == 1
+    apart = dict(ckpt_dir=str(tmp_path / "own"), results_dir=str(tmp_path / "own"), progress=False)
+    for run in shared:
+        seed = run.record["seed"]
+        own = fit(kd.models.build("lightnn", seed=seed), tiny, replace(recipe, seed=seed), chapter="hinton",
+                  method="kd", step=partial(kd.methods.kd_step, T=2.0, alpha=0.5), teacher=teacher.model,
+                  teacher_targets=kd.methods.kd_targets, teacher_key=teacher.record["run_key"],
+                  params={"T": 2.0, "alpha": 0.5}, speed=speed, **apart)
+        assert own.record["run_key"] == run.record["run_key"]
+        assert all(torch.equal(a, b) for a, b in zip(_state(run.model).values(), _state(own.model).values()))
+    assert len(passes) == 3  # each own run computed its table
+    again = kd.methods.train_seeds("kd", tiny, seeds=[0, 1], recipe=recipe, teacher=teacher, speed=speed,
+                                   weights={"T": 2.0}, **dirs)
+    assert len(passes) == 3 and [r.resumed_from_epoch for r in again] == [1, 1]  # reloads need no pass

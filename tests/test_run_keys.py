@@ -1,0 +1,75 @@
+"""The committed records keep their run keys under the code that would run them again: a
+reader who reruns a chapter (same parameters, same data) reloads them instead of training."""
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from torch import nn
+
+import kdutils as kd
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def _committed(chapter: str, method: str | None = None, profile: str | None = None) -> set[str]:
+    records = [json.loads(p.read_text()) for p in sorted((RESULTS / chapter).glob("*.json"))]
+    return {r["run_key"] for r in records
+            if (method is None or r["method"] == method) and (profile is None or r["profile"] == profile)}
+
+
+def _teacher_key(method: str, profile: str) -> str:
+    (key,) = _committed("teacher", method, profile)
+    return key
+
+
+@pytest.fixture
+def planned(monkeypatch, tmp_path):
+    """Run the recipes with training replaced by the key it would use; returns those keys."""
+    monkeypatch.delenv("KD_PROFILE", raising=False)
+    keys = []
+
+    def fake_load(P, train_size="students"):
+        n = P.train_size if train_size == "students" else train_size
+        return SimpleNamespace(source="cifar10-jpeg", train_y=range(n or 50_000),
+                               test_y=range(P.test_size or 10_000))
+
+    def fake_fit(model, data, recipe, *, chapter, method, params, profile, teacher_key=None, **kw):
+        keys.append(kd.runs.run_paths(model, data, recipe, chapter=chapter, method=method,
+                                      params=params, profile=profile, teacher_key=teacher_key,
+                                      ckpt_dir=str(tmp_path))[0])
+
+    def teacher(method, profile):
+        return SimpleNamespace(model=nn.Identity(), record={"run_key": _teacher_key(method, profile)})
+
+    monkeypatch.setattr(kd.recipes, "_load", fake_load)
+    monkeypatch.setattr(kd.methods, "fit", fake_fit)
+    monkeypatch.setattr(kd.methods, "_teacher_outputs", lambda *a, **k: {})
+    monkeypatch.setattr(kd.teachers, "get_teacher", lambda name, *a, **k: teacher(name, "full"))
+    monkeypatch.setattr(kd.teachers, "pretrained_teacher", lambda P, data: kd.teachers.PretrainedTeacher(
+        teacher("airbench", "full"), "airbench", "groups", 256))
+    return keys
+
+
+@pytest.mark.parametrize("recipe,chapter", [("baseline", "baseline"), ("hinton_kd", "hinton"),
+                                            ("cosine", "cosine"), ("regressor", "regressor")])
+def test_part_one_records_keep_their_keys(planned, recipe, chapter):
+    kd.recipes.part_one(recipe, kd.params.check(chapter))
+    committed = _committed(chapter)
+    assert len(committed) == 5 and committed <= set(planned)
+
+
+def test_chapter_10_records_keep_their_keys(planned):
+    P = kd.params.check("pretrained", profile="cpu", teacher_weights="none")
+    kd.recipes.pretrained(P)
+    committed = _committed("pretrained", profile="cpu")
+    assert len(committed) == 9 and committed == set(planned)
+
+
+def test_chapter_9_records_keep_their_keys(planned):
+    P = kd.params.check("selfdistill", profile="cpu")
+    kd.recipes.byot_runs(P, kd.recipes._load(P), detach_teacher=not P.detach_teacher)
+    kd.recipes.selfdistill(P)  # both BYOT runs, and its baseline: chapter 8's earlier cpu run
+    byot = _committed("selfdistill", "byot", "cpu")
+    assert len(byot) == 2 and byot <= set(planned)
+    assert "9827f9b2a2" in _committed("resnet", "ce", "cpu") and "9827f9b2a2" in planned
