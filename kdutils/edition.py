@@ -214,7 +214,8 @@ def _works(name: str, P) -> list[Work]:
             return runs
         return [Work(f"{P.teacher} teacher", P.teacher, n, P.teacher_epochs, 1, bs, is_teacher=True)] + runs
     if name == "resnet":
-        n_teacher = (P.get("teacher_train_size") or _DATASET_SIZE["cifar10"]) if "teacher_train_size" in P else n
+        n_teacher = n if "teacher_train_size" not in P else (
+            P.teacher_train_size or _DATASET_SIZE.get(P.get("dataset", "cifar10"), 50_000))
         return [Work("resnet50 teacher", "resnet50", n_teacher, P.teacher_epochs, 1, bs, is_teacher=True),
                 Work(f"resnet18 ce x{seeds}", "resnet18", n, ep, seeds, bs),
                 Work(f"resnet18 kd x{seeds}", "resnet18", n, ep, seeds, bs, "resnet50")]

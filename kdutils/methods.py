@@ -2,11 +2,12 @@
 
 A method is two small functions: ``*_targets(teacher, x) -> dict`` (what the loss needs from
 the frozen teacher) and ``*_step(model, x, y, t) -> loss``. The chapters display them with
-:func:`kdutils.show`; :func:`train_seeds` trains a method over several seeds with the one loop.
+:func:`kdutils.show_code`; :func:`train_seeds` trains a method over several seeds with the one loop.
 """
 from __future__ import annotations
 
 import inspect
+import time
 from dataclasses import replace
 from functools import partial
 from typing import Callable, NamedTuple
@@ -149,9 +150,15 @@ def train_seeds(method: str, data, *, seeds, recipe: Recipe, teacher: Run | None
     weights = dict(weights or {})
     entry = METHODS.get(method)
     if entry is not None:
-        if step not in (None, entry.step) or targets not in (None, entry.targets):
+        if step not in (None, entry.step):
             raise ValueError(f"method {method!r} is registered with {entry.step.__name__}: "
                              "give another step under another name")
+        if targets not in (None, entry.targets):
+            raise ValueError(f"method {method!r} is registered with the teacher targets "
+                             f"{getattr(entry.targets, '__name__', None)}: give other targets "
+                             "under another name")
+        if entry.targets is None and teacher is not None:
+            raise ValueError(f"method {method!r} takes no teacher")
         unknown = set(weights) - set(entry.weights)
         if unknown:
             raise ValueError(f"method {method!r} takes the weights {tuple(entry.weights)}, "
@@ -173,7 +180,7 @@ def train_seeds(method: str, data, *, seeds, recipe: Recipe, teacher: Run | None
     if teacher is not None:
         options.update(teacher=teacher.model, teacher_targets=targets,
                        teacher_key=teacher.record["run_key"])
-    runs, shared = [], None
+    runs, shared, pass_s = [], None, 0.0
     for seed in seeds:
         seed_recipe, model = replace(recipe, seed=seed), make(seed)
         if (shared is None and teacher is not None and not seed_recipe.augments
@@ -182,8 +189,12 @@ def train_seeds(method: str, data, *, seeds, recipe: Recipe, teacher: Run | None
                                    params=weights, profile=profile, teacher_key=options["teacher_key"],
                                    ckpt_dir=ckpt_dir)
             if not is_finished(ckpt, seed_recipe.epochs):  # a reload needs no teacher pass
+                t0 = time.perf_counter()
                 shared = _teacher_outputs(teacher.model, targets, data, speed, device)
-        runs.append(fit(model, data, seed_recipe, teacher_outputs=shared, **options))
+                pass_s = time.perf_counter() - t0   # recorded by the run that needed it first
+        runs.append(fit(model, data, seed_recipe, teacher_outputs=shared, teacher_outputs_s=pass_s,
+                        **options))
+        pass_s = 0.0
     return runs
 
 

@@ -41,8 +41,9 @@ CHAPTER_PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "resnet": {"fast": PART2_FAST, "cpu": {**PART2_CPU, "teacher_epochs": 1, "teacher_train_size": None,
                                            "test_size": None, "max_seeds": 3},
                "smoke": PART2_SMOKE},
+    # Chapter 8's students' recipe, seeds and images, so that its plain ResNet18 runs are shared.
     "selfdistill": {"fast": PART2_FAST, "cpu": {**PART2_CPU, "autoaugment": False, "erasing": 0.0,
-                                           "val_size": 500},
+                                           "val_size": 500, "test_size": None, "max_seeds": 3},
                     "smoke": {**PART2_SMOKE, "val_size": 200}},
     # Without a GPU (and in CI, offline) the chapter runs on CIFAR-10 at its own 32 px: the
     # cpu profile is R4's student recipe on a tenth of the training images, every test image.

@@ -19,6 +19,7 @@ from functools import partial
 from . import data as D
 from . import dist, methods, models, params, teachers
 from .results import to_frame
+from . import settings
 from .settings import run_options
 from .speed import Speed
 from .train import Recipe, sgd_recipe
@@ -102,11 +103,14 @@ def byot_runs(P, data, **weights) -> list:
 
 
 def plain_resnet18(P, data) -> list:
-    """Chapter 9's baseline, the plain ResNet18 with cross-entropy: chapter 8's own runs when
-    the recipe is chapter 8's (no AutoAugment or erasing), so that they are trained once."""
-    same_as_chapter_8 = not (P.autoaugment or P.erasing)
+    """Chapter 9's baseline, the plain ResNet18 with cross-entropy. Where its recipe, images
+    and seeds are chapter 8's for the same profile, these are chapter 8's own runs (filed
+    under chapter 8, trained once for both chapters); otherwise chapter 9's."""
+    ch8 = params.check("resnet", **{k: P[k] for k in settings.RUN_OPTIONS + ("data_dir",)})
+    shared = (sgd_recipe(P) == sgd_recipe(ch8) and P.seeds == ch8.seeds
+              and (P.train_size, P.test_size) == (ch8.train_size, ch8.test_size))
     return methods.train_seeds("ce", data, make=lambda s: models.build("resnet18", seed=s),
-                               chapter="resnet" if same_as_chapter_8 else "selfdistill", **part_two(P))
+                               chapter="resnet" if shared else "selfdistill", **part_two(P))
 
 
 def selfdistill(P) -> list:

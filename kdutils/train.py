@@ -138,7 +138,8 @@ def make_scheduler(opt, r: Recipe, steps_per_epoch: int):
 def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, method: str,
         step: Step = ce_step, teacher: nn.Module | None = None,
         teacher_targets: TeacherTargets | None = None, teacher_key: str | None = None,
-        teacher_outputs: dict[str, torch.Tensor] | None = None, params: dict | None = None,
+        teacher_outputs: dict[str, torch.Tensor] | None = None, teacher_outputs_s: float = 0.0,
+        params: dict | None = None,
         profile: str = "full", device="auto", speed: Speed = Speed(), select: str = "last",
         sync_bn: bool = False, ckpt_dir=None, results_dir=None, progress: bool = True) -> Run:
     """Train ``model`` on ``data`` by ``recipe`` with ``step`` as the loss; resume if possible.
@@ -147,7 +148,8 @@ def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, meth
     ``teacher_targets(teacher, x)`` returned for the same images (None without a teacher).
     Without augmentation the teacher's outputs are computed once for the whole training set
     (or taken from ``teacher_outputs``, the result of :func:`precompute_teacher`, so that
-    several seeds share one pass) and looked up per batch; with augmentation the teacher
+    several seeds share one pass; ``teacher_outputs_s``, the seconds that pass took, is added
+    to this run's recorded time) and looked up per batch; with augmentation the teacher
     runs on every batch, in inference mode and (on a GPU) reduced precision.
 
     Every epoch is :func:`kdutils.loop.train_epoch` followed by an evaluation on the test
@@ -190,6 +192,7 @@ def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, meth
     history, start, extra_s = files.resume(model, opt, sched, scaler, dev)
     table, seconds = _teacher_table(teacher, teacher_targets, teacher_outputs, data, recipe,
                                     dev, views, needed=start < recipe.epochs)
+    seconds += teacher_outputs_s if start < recipe.epochs else 0.0
     run_model = _wrap(model, dev, w, sync_bn, speed.compile and start < recipe.epochs)
     bar = _progress_bar(progress and start < recipe.epochs and w.main, recipe, len(train_loader),
                         start, f"{chapter}/{method} seed {recipe.seed}")

@@ -27,7 +27,11 @@ def _teacher_key(method: str, profile: str) -> str:
 def planned(monkeypatch, tmp_path):
     """Run the recipes with training replaced by the key it would use; returns those keys."""
     monkeypatch.delenv("KD_PROFILE", raising=False)
-    keys = []
+
+    class Keys(list):
+        chapter = {}   # key -> the chapter the run is filed under
+
+    keys = Keys()
 
     def fake_load(P, train_size="students"):
         n = P.train_size if train_size == "students" else train_size
@@ -35,9 +39,10 @@ def planned(monkeypatch, tmp_path):
                                test_y=range(P.test_size or 10_000))
 
     def fake_fit(model, data, recipe, *, chapter, method, params, profile, teacher_key=None, **kw):
-        keys.append(kd.runs.run_paths(model, data, recipe, chapter=chapter, method=method,
-                                      params=params, profile=profile, teacher_key=teacher_key,
-                                      ckpt_dir=str(tmp_path))[0])
+        key = kd.runs.run_paths(model, data, recipe, chapter=chapter, method=method, params=params,
+                                profile=profile, teacher_key=teacher_key, ckpt_dir=str(tmp_path))[0]
+        keys.append(key)
+        keys.chapter[key] = chapter
 
     def teacher(method, profile):
         return SimpleNamespace(model=nn.Identity(), record={"run_key": _teacher_key(method, profile)})
@@ -45,7 +50,7 @@ def planned(monkeypatch, tmp_path):
     monkeypatch.setattr(kd.recipes, "_load", fake_load)
     monkeypatch.setattr(kd.methods, "fit", fake_fit)
     monkeypatch.setattr(kd.methods, "_teacher_outputs", lambda *a, **k: {})
-    monkeypatch.setattr(kd.teachers, "get_teacher", lambda name, *a, **k: teacher(name, "full"))
+    monkeypatch.setattr(kd.teachers, "get_teacher", lambda name, *a, **k: teacher(name, k["profile"]))
     monkeypatch.setattr(kd.teachers, "pretrained_teacher", lambda P, data: kd.teachers.PretrainedTeacher(
         teacher("airbench", "full"), "airbench", "groups", 256))
     return keys
@@ -66,10 +71,22 @@ def test_chapter_10_records_keep_their_keys(planned):
     assert len(committed) == 9 and committed == set(planned)
 
 
-def test_chapter_9_records_keep_their_keys(planned):
-    P = kd.params.check("selfdistill", profile="cpu")
-    kd.recipes.byot_runs(P, kd.recipes._load(P), detach_teacher=not P.detach_teacher)
-    kd.recipes.selfdistill(P)  # both BYOT runs, and its baseline: chapter 8's earlier cpu run
-    byot = _committed("selfdistill", "byot", "cpu")
-    assert len(byot) == 2 and byot <= set(planned)
-    assert "9827f9b2a2" in _committed("resnet", "ce", "cpu") and "9827f9b2a2" in planned
+def test_chapter_8_fast_records_keep_their_keys(planned):
+    kd.recipes.resnet_kd(kd.params.check("resnet", profile="fast"))  # the run made on a GPU
+    committed = _committed("resnet", profile="fast")
+    assert len(committed) == 6 and committed == set(planned)
+
+
+def test_chapter_9_shares_chapter_8s_plain_resnet18_only_when_it_is_the_same_run(planned):
+    ch8, ch9 = kd.params.check("resnet", profile="cpu"), kd.params.check("selfdistill", profile="cpu")
+    data = kd.recipes._load(ch8)
+    kd.recipes.resnet_students(ch8, data, SimpleNamespace(model=nn.Identity(), record={"run_key": "t"}))
+    chapter_8_ce = planned[:3]
+    del planned[:]
+    kd.recipes.plain_resnet18(ch9, data)
+    assert planned == chapter_8_ce   # the same three runs, trained once
+    del planned[:]
+    ch9_smoke = kd.params.check("selfdistill", profile="smoke")  # AutoAugment and erasing: R1's recipe
+    kd.recipes.plain_resnet18(ch9_smoke, kd.recipes._load(ch9_smoke))
+    assert len(planned) == 1 and planned[0] not in chapter_8_ce
+    assert planned.chapter[planned[0]] == "selfdistill" and planned.chapter[chapter_8_ce[0]] == "resnet"

@@ -2,6 +2,7 @@
 import json
 import pathlib
 import pickle
+import time
 
 import pytest
 import torch
@@ -221,11 +222,17 @@ def test_unknown_method_and_missing_teacher_for_a_method(tiny, dirs):
         kd.methods.train_seeds("kd", tiny, weights={"beta": 1.0}, **one)
     with pytest.raises(ValueError, match="method 'kd' is registered with kd_step: give another step under another name"):
         kd.methods.train_seeds("kd", tiny, step=kd.methods.cosine_step, **one)
+    with pytest.raises(ValueError, match="method 'kd' is registered with the teacher targets kd_targets: "
+                                         "give other targets under another name"):
+        kd.methods.train_seeds("kd", tiny, targets=kd.methods.cosine_targets, **one)
     teacher = _teacher(tiny, dirs)
+    with pytest.raises(ValueError, match="method 'ce' takes no teacher"):
+        kd.methods.train_seeds("ce", tiny, teacher=teacher, **one)
     with pytest.raises(ValueError, match="method 'mine' was given a teacher but no targets"):
         kd.methods.train_seeds("mine", tiny, make=lambda s: kd.models.build("lightnn", seed=s),
                                step=kd.methods.ce_step, chapter="t", teacher=teacher, **one)
-    assert not (pathlib.Path(dirs["results_dir"]) / "hinton").exists()  # nothing trained
+    trained = {p.parent.name for p in pathlib.Path(dirs["results_dir"]).rglob("*.json")}
+    assert trained == {"teacher"}  # no student was trained
 
 
 def test_unwritable_checkpoint_folder_is_refused(tiny, tmp_path):
@@ -314,3 +321,15 @@ def test_seeds_share_one_teacher_pass_equal_to_each_runs_own(tiny, dirs, tmp_pat
     again = kd.methods.train_seeds("kd", tiny, seeds=[0, 1], recipe=recipe, teacher=teacher, speed=speed,
                                    weights={"T": 2.0}, **dirs)
     assert len(passes) == 3 and [r.resumed_from_epoch for r in again] == [1, 1]  # reloads need no pass
+
+
+def test_the_shared_teacher_pass_is_timed_into_the_run_that_needed_it(tiny, dirs, monkeypatch):
+    teacher = _teacher(tiny, dirs)
+    real = kd.methods._teacher_outputs
+    monkeypatch.setattr(kd.methods, "_teacher_outputs", lambda *a: (time.sleep(1.5), real(*a))[1])
+    runs = kd.methods.train_seeds("kd", tiny, seeds=[0, 1], recipe=Recipe(epochs=1, batch_size=32),
+                                  teacher=teacher, **dirs)
+    extra = [load_checkpoint(r.checkpoint)["extra_s"] for r in runs]
+    assert extra[0] >= 1.5 and extra[1] < 0.5
+    for r, e in zip(runs, extra):
+        assert r.record["wall_time_s"] >= sum(h["seconds"] for h in r.record["history"]) + e - 0.01
