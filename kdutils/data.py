@@ -404,6 +404,16 @@ class TensorLoader:
         drop = self.drop_last or (self.world > 1 and self.shuffle)
         return n // self.batch_size if drop else -(-n // self.batch_size)
 
+    # AutoAugment costs a few dozen small tensor operations per call, whatever the batch: it is
+    # applied to this many images at once (whole batches), and the batches are cut from them.
+    AUTOAUGMENT_CHUNK = 1024
+
+    def chunk(self) -> int:
+        """How many batches are augmented together: one, or with AutoAugment as many as make
+        :data:`AUTOAUGMENT_CHUNK` images (the draws are still one per image, from the epoch's
+        generator, so an epoch's batches stay a function of ``(seed, epoch)``)."""
+        return max(1, self.AUTOAUGMENT_CHUNK // self.batch_size) if self.autoaugment else 1
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         n = len(self.y)
@@ -414,27 +424,37 @@ class TensorLoader:
             order = order[self.rank::self.world]
         order = order.to(self.device)
         part = self.batch_size // self.world  # this process's share of a global batch
-        for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            xb = self.x.index_select(0, idx)   # far faster than self.x[idx] on a CPU
-            key = idx
-            if view is not None:
-                v = view[idx.cpu()]
-                xb = self.views.apply(xb, idx, v)
-                key = v.to(idx.device) * n + idx   # row of (view, image) in the teacher's table
-            if self.augment:
-                xb = random_crop_flip(xb, g)
-            if self.autoaugment:  # True: the batched AutoAugment; a function: that one instead
-                xb = (self.autoaugment if callable(self.autoaugment) else auto_augment)(xb, g)
-            xb = normalize(xb, self.mean, self.std)
-            if self.erasing > 0:
-                xb = random_erasing(xb, g, p=self.erasing)
-            if self.world > 1 and self.shuffle:  # augmented as one global batch, then cut
-                lo = self.rank * part
-                xb, idx, key = xb[lo:lo + part], idx[lo:lo + part], key[lo:lo + part]
-            if self.channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            yield xb, self.y[idx], key
+        batches, chunk = len(self), self.chunk()
+        for first in range(0, batches, chunk):
+            last = min(first + chunk, batches)
+            idx = order[first * self.batch_size:last * self.batch_size]
+            xs, keys = self._augmented(idx, g, view, n)
+            for b in range(last - first):
+                lo = b * self.batch_size
+                if self.world > 1 and self.shuffle:  # augmented as one global batch, then cut
+                    lo += self.rank * part
+                hi = min(lo + (part if self.world > 1 and self.shuffle else self.batch_size), len(idx))
+                xb = xs[lo:hi]
+                if self.channels_last:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                yield xb, self.y[idx[lo:hi]], keys[lo:hi]
+
+    def _augmented(self, idx: torch.Tensor, g: torch.Generator, view, n: int):
+        """The normalised (and augmented) images of dataset rows ``idx``, and their keys."""
+        xb = self.x.index_select(0, idx)   # far faster than self.x[idx] on a CPU
+        key = idx
+        if view is not None:
+            v = view[idx.cpu()]
+            xb = self.views.apply(xb, idx, v)
+            key = v.to(idx.device) * n + idx   # row of (view, image) in the teacher's table
+        if self.augment:
+            xb = random_crop_flip(xb, g)
+        if self.autoaugment:  # True: the batched AutoAugment; a function: that one instead
+            xb = (self.autoaugment if callable(self.autoaugment) else auto_augment)(xb, g)
+        xb = normalize(xb, self.mean, self.std)
+        if self.erasing > 0:
+            xb = random_erasing(xb, g, p=self.erasing)
+        return xb, key
 
 
 def loaders(data: ImageData, batch_size: int, *, seed: int, augment: bool = False,

@@ -215,7 +215,6 @@ def paired_comparison(records, baseline: str, label: str = "method", confidence:
     (``n - 1`` degrees of freedom). ``significant`` is True when the interval excludes 0.
     """
     import pandas as pd
-    from scipy import stats
 
     records = _with_identity(records.copy())
     for name, group in records.groupby(label, sort=False):
@@ -229,9 +228,24 @@ def paired_comparison(records, baseline: str, label: str = "method", confidence:
         row = {label: name, "seeds": len(acc), "acc_mean": acc.mean(), "acc_std": acc.std()}
         shared = acc.index.intersection(base.index)
         if name != baseline and len(shared) >= 2:
-            d = acc[shared] - base[shared]
-            half = stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * d.std() / len(d) ** 0.5
-            row.update(diff_mean=d.mean(), diff_std=d.std(), ci_low=d.mean() - half,
-                       ci_high=d.mean() + half, significant=bool(abs(d.mean()) > half))
+            row.update(paired_interval(acc[shared] - base[shared], confidence))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def paired_interval(differences, confidence: float = 0.95) -> dict:
+    """Mean and spread of per-seed ``differences`` (each a paired run minus its baseline), with a
+    ``confidence`` interval from Student's t distribution (n - 1 degrees of freedom):
+    ``{"diff_mean", "diff_std", "ci_low", "ci_high", "significant"}`` (``significant``: the
+    interval excludes 0). Fewer than two differences have no interval (NaN bounds)."""
+    import pandas as pd
+    from scipy import stats
+    d = pd.Series(differences, dtype="float64")
+    mean = d.mean()
+    if len(d) < 2:
+        return {"diff_mean": mean, "diff_std": float("nan"), "ci_low": float("nan"),
+                "ci_high": float("nan"), "significant": False}
+    std = d.std()
+    half = stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * std / len(d) ** 0.5
+    return {"diff_mean": mean, "diff_std": std, "ci_low": mean - half, "ci_high": mean + half,
+            "significant": bool(abs(mean) > half)}

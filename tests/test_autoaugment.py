@@ -158,3 +158,43 @@ def test_loader_epochs_repeat_their_autoaugment_and_differ_between_epochs():
         tl.set_epoch(e)
         return torch.cat([b for b, _, _ in tl])
     assert torch.equal(epoch(1), epoch(1)) and not torch.equal(epoch(1), epoch(2))
+
+
+def _batches(loader, epoch=3):
+    loader.set_epoch(epoch)
+    return list(loader)
+
+
+def test_loader_augments_whole_chunks_of_batches_and_cuts_them_like_single_batches(monkeypatch):
+    """With AutoAugment the loader augments several batches at once (its per-call cost does not
+    grow with the batch); the batches are the same images in the same order as batch by batch,
+    the last incomplete batch included, and an epoch is still a function of (seed, epoch)."""
+    x, y = _images(70), torch.arange(70) % 10
+    make = lambda: TensorLoader(x, y, 16, shuffle=True, augment=True, autoaugment=True,  # noqa: E731
+                                erasing=0.5, seed=4)
+    assert make().chunk() == TensorLoader.AUTOAUGMENT_CHUNK // 16 > 1
+    assert TensorLoader(x, y, 16, shuffle=True, augment=True, erasing=0.5).chunk() == 1  # no AutoAugment
+    monkeypatch.setattr(TensorLoader, "AUTOAUGMENT_CHUNK", 48)   # 3 batches a chunk: 16+16+16, 16+6
+    chunked = _batches(make())
+    assert make().chunk() == 3 and [len(b) for b, _, _ in chunked] == [16, 16, 16, 16, 6]
+    monkeypatch.setattr(TensorLoader, "AUTOAUGMENT_CHUNK", 16)   # one batch at a time
+    single = _batches(make())
+    assert [len(b) for b, _, _ in single] == [16, 16, 16, 16, 6]
+    for (xc, yc, kc), (xs, ys, ks) in zip(chunked, single):
+        assert torch.equal(kc, ks) and torch.equal(yc, ys)           # same images, same order
+    assert not torch.equal(torch.cat([b for b, _, _ in chunked]), torch.cat([b for b, _, _ in single]))
+    monkeypatch.setattr(TensorLoader, "AUTOAUGMENT_CHUNK", 48)
+    again = _batches(make())
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(chunked, again))   # (seed, epoch) decides
+
+
+def test_processes_share_a_chunk_as_they_share_a_batch(monkeypatch):
+    monkeypatch.setattr(TensorLoader, "AUTOAUGMENT_CHUNK", 32)
+    x, y = _images(72), torch.arange(72) % 10
+    make = lambda: TensorLoader(x, y, 16, shuffle=True, augment=True, autoaugment=True,  # noqa: E731
+                                erasing=0.5, seed=5, drop_last=True)
+    whole = _batches(make())
+    parts = [_batches(make().shard(rank, 2)) for rank in (0, 1)]
+    assert len(whole) == len(parts[0]) == len(parts[1]) == 4
+    for w, a, b in zip(whole, *parts):
+        assert torch.equal(torch.cat([a[0], b[0]]), w[0]) and torch.equal(torch.cat([a[2], b[2]]), w[2])

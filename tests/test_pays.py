@@ -455,3 +455,13 @@ def test_paired_comparison_pairs_by_seed_and_its_interval_says_what_it_shows():
     assert verdict(table.loc["b", "ci_low"], table.loc["b", "ci_high"]).endswith("a loss")
     assert "no detectable difference" in verdict(-0.5, 0.25)
     assert verdict(float("nan"), float("nan")) == "too few paired seeds to tell"
+
+
+def test_paired_interval_of_per_seed_differences():
+    one = kd.results.paired_interval([1.0, 1.5, 1.0, 1.5, 1.0])   # the 'a - ce' differences above
+    assert one["diff_mean"] == pytest.approx(1.2) and one["diff_std"] == pytest.approx(0.273861, abs=1e-6)
+    assert one["ci_low"] == pytest.approx(1.2 - 2.776445 * 0.273861 / 5 ** 0.5, abs=1e-5) and one["significant"]
+    wide = kd.results.paired_interval([2.0, -1.0, 0.5])
+    assert wide["ci_low"] < 0 < wide["ci_high"] and not wide["significant"]
+    alone = kd.results.paired_interval([0.7])
+    assert alone["diff_mean"] == 0.7 and alone["ci_low"] != alone["ci_low"] and not alone["significant"]
