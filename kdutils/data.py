@@ -423,17 +423,17 @@ class TensorLoader:
         if self.world > 1 and not self.shuffle:
             order = order[self.rank::self.world]
         order = order.to(self.device)
-        part = self.batch_size // self.world  # this process's share of a global batch
+        # under torchrun a global batch is augmented whole, then each process takes its part
+        size = self.batch_size // self.world if self.world > 1 and self.shuffle else self.batch_size
+        offset = self.rank * size if self.world > 1 and self.shuffle else 0
         batches, chunk = len(self), self.chunk()
         for first in range(0, batches, chunk):
             last = min(first + chunk, batches)
             idx = order[first * self.batch_size:last * self.batch_size]
             xs, keys = self._augmented(idx, g, view, n)
             for b in range(last - first):
-                lo = b * self.batch_size
-                if self.world > 1 and self.shuffle:  # augmented as one global batch, then cut
-                    lo += self.rank * part
-                hi = min(lo + (part if self.world > 1 and self.shuffle else self.batch_size), len(idx))
+                lo = b * self.batch_size + offset
+                hi = min(lo + size, len(idx))
                 xb = xs[lo:hi]
                 if self.channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)

@@ -7,7 +7,6 @@ the frozen teacher) and ``*_step(model, x, y, t) -> loss``. The chapters display
 from __future__ import annotations
 
 import inspect
-import time
 from dataclasses import replace
 from functools import partial
 from typing import Callable, NamedTuple
@@ -16,14 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dist import device_for, world
 from .hooks import capture
 from .losses import byot_loss, ce_loss, cosine_terms, hint_terms, kd_terms, pool_to_dim
 from .models import build
 from .speed import Speed
 from .loop import ce_step  # noqa: F401 (chapter 2's step, listed in METHODS)
-from .loop import freeze
-from .train import Recipe, Run, fit, is_finished, pick_device, precompute_teacher, run_paths
+from .train import Recipe, Run, fit
 
 STUDENT_HIDDEN = 1024  # LightNN's flattened feature map: 16 x 8 x 8
 
@@ -180,30 +177,12 @@ def train_seeds(method: str, data, *, seeds, recipe: Recipe, teacher: Run | None
     if teacher is not None:
         options.update(teacher=teacher.model, teacher_targets=targets,
                        teacher_key=teacher.record["run_key"])
-    runs, shared, pass_s = [], None, 0.0
-    for seed in seeds:
-        seed_recipe, model = replace(recipe, seed=seed), make(seed)
-        if (shared is None and teacher is not None and not seed_recipe.augments
-                and not seed_recipe.views and not speed.measure):
-            _, ckpt, _ = run_paths(model, data, seed_recipe, chapter=chapter, method=method,
-                                   params=weights, profile=profile, teacher_key=options["teacher_key"],
-                                   ckpt_dir=ckpt_dir)
-            if not is_finished(ckpt, seed_recipe.epochs):  # a reload needs no teacher pass
-                t0 = time.perf_counter()
-                shared = _teacher_outputs(teacher.model, targets, data, speed, device)
-                pass_s = time.perf_counter() - t0   # recorded by the run that needed it first
-        runs.append(fit(model, data, seed_recipe, teacher_outputs=shared, teacher_outputs_s=pass_s,
-                        **options))
-        pass_s = 0.0
-    return runs
-
-
-def _teacher_outputs(teacher: nn.Module, targets: Callable, data, speed: Speed, device) -> dict:
-    """The teacher's ``targets`` for every training image, with the teacher on the device and
-    in the memory layout that :func:`kdutils.train.fit` gives it for a run with ``speed``."""
-    dev = pick_device(device_for(str(device), world()))
-    layout = torch.channels_last if speed.layout(dev) else torch.contiguous_format
-    return precompute_teacher(freeze(teacher.to(dev, memory_format=layout)), targets, data, dev)
+    # Without augmentation the first run that trains fills the teacher's table; the others
+    # reuse it. With fixed views, or a layout the CPU chooser measures per run, each run
+    # computes its own.
+    shared = {} if teacher is not None and not (recipe.augments or recipe.views or speed.measure) else None
+    return [fit(make(seed), data, replace(recipe, seed=seed), teacher_outputs=shared, **options)
+            for seed in seeds]
 
 
 # ---- Part II: self-distillation across exits (R1) -----------------------------------------

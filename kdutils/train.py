@@ -138,8 +138,7 @@ def make_scheduler(opt, r: Recipe, steps_per_epoch: int):
 def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, method: str,
         step: Step = ce_step, teacher: nn.Module | None = None,
         teacher_targets: TeacherTargets | None = None, teacher_key: str | None = None,
-        teacher_outputs: dict[str, torch.Tensor] | None = None, teacher_outputs_s: float = 0.0,
-        params: dict | None = None,
+        teacher_outputs: dict[str, torch.Tensor] | None = None, params: dict | None = None,
         profile: str = "full", device="auto", speed: Speed = Speed(), select: str = "last",
         sync_bn: bool = False, ckpt_dir=None, results_dir=None, progress: bool = True) -> Run:
     """Train ``model`` on ``data`` by ``recipe`` with ``step`` as the loss; resume if possible.
@@ -147,9 +146,9 @@ def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, meth
     ``step(model, x, y, t)`` returns the loss of a batch; ``t`` is the dict that
     ``teacher_targets(teacher, x)`` returned for the same images (None without a teacher).
     Without augmentation the teacher's outputs are computed once for the whole training set
-    (or taken from ``teacher_outputs``, the result of :func:`precompute_teacher`, so that
-    several seeds share one pass; ``teacher_outputs_s``, the seconds that pass took, is added
-    to this run's recorded time) and looked up per batch; with augmentation the teacher
+    (or taken from ``teacher_outputs``, the result of :func:`precompute_teacher`; an empty
+    dict is filled by this run's pass, so that the next run of the same data and teacher
+    reuses it) and looked up per batch; with augmentation the teacher
     runs on every batch, in inference mode and (on a GPU) reduced precision.
 
     Every epoch is :func:`kdutils.loop.train_epoch` followed by an evaluation on the test
@@ -192,7 +191,6 @@ def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, meth
     history, start, extra_s = files.resume(model, opt, sched, scaler, dev)
     table, seconds = _teacher_table(teacher, teacher_targets, teacher_outputs, data, recipe,
                                     dev, views, needed=start < recipe.epochs)
-    seconds += teacher_outputs_s if start < recipe.epochs else 0.0
     run_model = _wrap(model, dev, w, sync_bn, speed.compile and start < recipe.epochs)
     bar = _progress_bar(progress and start < recipe.epochs and w.main, recipe, len(train_loader),
                         start, f"{chapter}/{method} seed {recipe.seed}")
@@ -251,7 +249,7 @@ def _teacher_table(teacher, teacher_targets, teacher_outputs, data, recipe, dev,
     """The teacher's outputs for every training image (and view) when they can be computed
     once: given (``teacher_outputs``) or computed now; None when the teacher must see every
     batch (augmentation) or there is none. Also returns the seconds it took."""
-    if teacher_outputs is not None:
+    if teacher_outputs:
         if recipe.augments:
             raise ValueError("teacher_outputs were given, but the recipe augments: the teacher "
                              "must see every augmented batch, so outputs cannot be precomputed")
@@ -264,6 +262,8 @@ def _teacher_table(teacher, teacher_targets, teacher_outputs, data, recipe, dev,
         return None, 0.0
     t0 = time.perf_counter()
     table = precompute_teacher(teacher, teacher_targets, data, dev, views=views)
+    if teacher_outputs is not None:   # an empty dict to fill: the next run shares this pass
+        teacher_outputs.update(table)
     return table, time.perf_counter() - t0
 
 

@@ -49,7 +49,6 @@ def planned(monkeypatch, tmp_path):
 
     monkeypatch.setattr(kd.recipes, "_load", fake_load)
     monkeypatch.setattr(kd.methods, "fit", fake_fit)
-    monkeypatch.setattr(kd.methods, "_teacher_outputs", lambda *a, **k: {})
     monkeypatch.setattr(kd.teachers, "get_teacher", lambda name, *a, **k: teacher(name, k["profile"]))
     monkeypatch.setattr(kd.teachers, "pretrained_teacher", lambda P, data: kd.teachers.PretrainedTeacher(
         teacher("airbench", "full"), "airbench", "groups", 256))

@@ -300,10 +300,8 @@ def test_seeds_share_one_teacher_pass_equal_to_each_runs_own(tiny, dirs, tmp_pat
     from functools import partial
     teacher = _teacher(tiny, dirs)
     passes = []
-    real = kd.methods.precompute_teacher
-    counted = lambda *a, **k: passes.append(1) or real(*a, **k)  # noqa: E731
-    monkeypatch.setattr(kd.methods, "precompute_teacher", counted)   # train_seeds' shared pass
-    monkeypatch.setattr(kd.train, "precompute_teacher", counted)     # fit's own
+    real = kd.train.precompute_teacher
+    monkeypatch.setattr(kd.train, "precompute_teacher", lambda *a, **k: passes.append(1) or real(*a, **k))
     speed, recipe = kd.speed.Speed(channels_last=True), Recipe(epochs=1, batch_size=32)
     shared = kd.methods.train_seeds("kd", tiny, seeds=[0, 1], recipe=recipe, teacher=teacher, speed=speed,
                                     weights={"T": 2.0}, **dirs)
@@ -325,8 +323,8 @@ def test_seeds_share_one_teacher_pass_equal_to_each_runs_own(tiny, dirs, tmp_pat
 
 def test_the_shared_teacher_pass_is_timed_into_the_run_that_needed_it(tiny, dirs, monkeypatch):
     teacher = _teacher(tiny, dirs)
-    real = kd.methods._teacher_outputs
-    monkeypatch.setattr(kd.methods, "_teacher_outputs", lambda *a: (time.sleep(1.5), real(*a))[1])
+    real = kd.train.precompute_teacher
+    monkeypatch.setattr(kd.train, "precompute_teacher", lambda *a, **k: (time.sleep(1.5), real(*a, **k))[1])
     runs = kd.methods.train_seeds("kd", tiny, seeds=[0, 1], recipe=Recipe(epochs=1, batch_size=32),
                                   teacher=teacher, **dirs)
     extra = [load_checkpoint(r.checkpoint)["extra_s"] for r in runs]
