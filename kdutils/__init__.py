@@ -8,7 +8,7 @@ whole run around the loop), :mod:`~kdutils.runs` (a run's key, checkpoint and re
 :mod:`~kdutils.speed` (precision and layout per machine), :mod:`~kdutils.checkpoint`,
 :mod:`~kdutils.teachers` (the teacher cache), :mod:`~kdutils.airbench` (the strong CIFAR-10 teacher),
 :mod:`~kdutils.regimes` (few labels, agreement, calibration), :mod:`~kdutils.results` (run records, tables), :mod:`~kdutils.plots`,
-:mod:`~kdutils.notebook` (the code a chapter shows, the numbers its prose quotes), :mod:`~kdutils.dist` (several processes),
+:mod:`~kdutils.notebook` (a chapter's first lines, the code it shows, the numbers its prose quotes), :mod:`~kdutils.dist` (several processes),
 :mod:`~kdutils.recipes` (the chapters' recipes from the command line) and
 :mod:`~kdutils.edition` (every chapter of a profile, executed in one command).
 """

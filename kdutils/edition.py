@@ -73,7 +73,7 @@ def chapters(root: Path | None = None) -> list[Chapter]:
         path = root / f"{file}.ipynb"
         if not path.exists():
             continue
-        match = re.search(r'from_notebook\(globals\(\), chapter=\\?"(\w+)\\?"\)', path.read_text())
+        match = re.search(r'(?:from_notebook|notebook\.setup)\(globals\(\), chapter=\\?"(\w+)\\?"', path.read_text())
         if match:
             found.append(Chapter(path.stem, path, match.group(1)))
     return found

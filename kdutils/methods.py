@@ -51,25 +51,34 @@ def cosine_step(model, x, y, t, *, hidden_weight=0.3, ce_weight=0.7):
 
 
 # ---- chapter 5: FitNets hint with a regressor --------------------------------------------
-class HintStudent(nn.Module):
-    """A student plus the regressor that maps its feature map onto the teacher's.
+class TrainingWrapper(nn.Module):
+    """A network that is deployed alone, wrapped with modules only its training uses (a
+    regressor, a projection). Being inside the wrapper, they are in ``model.parameters()``,
+    so the optimiser trains them, and in its checkpoint.
 
-    ``forward`` is the student alone (what is evaluated and deployed); the regressor
-    (conv 3x3, 16 -> 32 channels, 4,640 parameters) exists only for training.
+    ``forward`` is the network alone, what is evaluated; ``deployed`` is the network, what is
+    kept after training. A subclass names the attribute holding it in ``deployed_name``.
     """
+
+    deployed_name = "student"
+
+    def forward(self, x, **kwargs):
+        return self.deployed(x, **kwargs)
+
+    @property
+    def deployed(self) -> nn.Module:
+        """What is kept after training: the network without the training-only modules."""
+        return getattr(self, self.deployed_name)
+
+
+class HintStudent(TrainingWrapper):
+    """A student plus the regressor that maps its feature map onto the teacher's (conv 3x3,
+    16 -> 32 channels, 4,640 parameters, for training only)."""
 
     def __init__(self, student: nn.Module, in_channels=16, out_channels=32):
         super().__init__()
         self.student = student
         self.regressor = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-
-    def forward(self, x, return_features=False):
-        return self.student(x, return_features=return_features)
-
-    @property
-    def deployed(self) -> nn.Module:
-        """What is kept after training: the student alone."""
-        return self.student
 
 
 def hint_targets(teacher, x):
@@ -195,26 +204,20 @@ def byot_step(model, x, y, t, *, T=4.0, kd_weight=0.7, feature_weight=0.3, detac
 
 
 # ---- Part II: feature self-distillation through forward hooks (R3) --------------------------
-class HookSelfDistill(nn.Module):
+class HookSelfDistill(TrainingWrapper):
     """A network plus the trainable 1x1 projection of a layer4 -> layer2 feature loss (R3).
 
-    ``forward`` is the network alone. The projection (128 -> 512 channels) maps the shallow
-    map, the student's side, onto the deep one, the teacher's side; it lives inside the
-    module, so ``model.parameters()`` hands it to the optimiser (R3 created it outside the
-    model and never trained it). ``deployed`` is the network without the projection.
+    The projection (128 -> 512 channels) maps the shallow map, the student's side, onto the
+    deep one, the teacher's side. Inside the wrapper it is trained (R3 created it outside the
+    model and never trained it) and never deployed.
     """
+
+    deployed_name = "net"
 
     def __init__(self, net: nn.Module, deep="layer4", shallow="layer2", deep_ch=512, shallow_ch=128):
         super().__init__()
         self.net, self.deep, self.shallow = net, deep, shallow
         self.proj = nn.Conv2d(shallow_ch, deep_ch, kernel_size=1)
-
-    def forward(self, x):
-        return self.net(x)
-
-    @property
-    def deployed(self) -> nn.Module:
-        return self.net
 
 
 def hook_sd_step(model, x, y, t, *, hook_weight=0.5):
@@ -237,21 +240,14 @@ def hook_sd_step(model, x, y, t, *, hook_weight=0.5):
 
 
 # ---- Part II: a pretrained teacher into a small CNN (R4) ----------------------------------
-class FeatureKDStudent(nn.Module):
-    """A student plus the 1x1 projection that maps its last feature map onto the teacher's
-    channel count (training only; ``deployed`` is the student)."""
+class FeatureKDStudent(TrainingWrapper):
+    """A student plus the 1x1 projection, for training only, that maps its last feature map
+    onto the teacher's channel count."""
 
     def __init__(self, student: nn.Module, student_ch=256, teacher_ch=512, layer="features"):
         super().__init__()
         self.student, self.layer = student, layer
         self.proj = nn.Conv2d(student_ch, teacher_ch, kernel_size=1)
-
-    def forward(self, x):
-        return self.student(x)
-
-    @property
-    def deployed(self) -> nn.Module:
-        return self.student
 
 
 def feature_targets(teacher, x, layer="layer4"):

@@ -1,8 +1,10 @@
-"""What a chapter notebook needs besides training: the code it shows and the numbers its
-prose quotes (chapter 1 on). Nothing here trains or plots."""
+"""What a chapter notebook needs besides training: its first lines, the code it shows and the
+numbers its prose quotes (chapter 1 on). Nothing here trains or plots."""
 from __future__ import annotations
 
 import inspect
+
+from . import params, recipes, results, train
 
 
 def show_code(*objects) -> "object":
@@ -29,3 +31,26 @@ def glue(name: str, value, display: bool = False):
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):
         value = value.item()  # numpy / torch scalars: glue formats plain Python numbers only
     _glue(name, value, display=display)
+
+
+def setup(namespace: dict, chapter: str, box: str | None = None):
+    """A chapter's first lines: check its parameters, load its images, say what runs where.
+
+    ``namespace`` is the notebook's ``globals()``, holding its parameter cell as papermill
+    may have overridden it. Returns ``(P, data)``: the checked parameters and the images of
+    :func:`kdutils.recipes.load_data`. It prints the run's description, the data's source and
+    the device. With ``box``, a glue prefix such as ``"c7"``, it also stores what the page's
+    "this run" box quotes: ``{box}_profile``, ``_train_size``, ``_test_size``, ``_device`` and
+    ``_profile_says`` (what the profile's numbers can and cannot say).
+    """
+    P = params.from_notebook(namespace, chapter=chapter)
+    data = recipes.load_data(P)
+    device = results.device_name(train.pick_device(P.device))
+    print(params.describe(P), "| data:", data.source, "| device:", device)
+    if box is not None:
+        glue(f"{box}_profile", P.profile)
+        glue(f"{box}_train_size", len(data.train_y))
+        glue(f"{box}_test_size", len(data.test_y))
+        glue(f"{box}_device", device)
+        glue(f"{box}_profile_says", params.profile_note(P.profile))
+    return P, data

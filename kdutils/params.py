@@ -1,7 +1,8 @@
 """Chapter parameters: defaults, profiles and validation (introduced in chapter 1).
 
 Every chapter's first code cell holds its parameters (tagged ``parameters`` for papermill).
-The next cell calls :func:`from_notebook`, which
+The next cell calls :func:`from_notebook` (through :func:`kdutils.notebook.setup` in the
+chapters that load one dataset), which
 
 1. takes the profile from ``$KD_PROFILE`` if set (CI sets ``smoke``),
 2. refuses unknown names, wrong types and impossible values before any training, with a

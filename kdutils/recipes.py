@@ -30,19 +30,28 @@ PART_TWO = {"resnet_kd": "resnet", "selfdistill": "selfdistill", "pretrained": "
 RECIPES = {**{k: v[0] for k, v in PART_ONE.items()}, **PART_TWO}
 
 
-def _load(P, train_size="students"):
+def load_data(P, train_size="students"):
+    """The images of a chapter's parameters ``P``: its dataset at its image size, its training
+    and test sizes (``train_size`` replaces the students' size, e.g. for a teacher that sees
+    more)."""
     train_size = P.train_size if train_size == "students" else train_size
     with dist.main_first():  # rank 0 decodes and caches the images, the others then read the cache
         return D.load_dataset(P.dataset, P.data_dir, image_size=P.get("image_size", 32),
                               train_size=train_size, test_size=P.test_size)
 
 
+def part_one_teacher(P, data):
+    """Part I's teacher, ``P.teacher`` (DeepNN), by R5's recipe (Adam, ``P.teacher_epochs``
+    epochs): trained by the first chapter that asks for it, loaded by the others."""
+    return teachers.get_teacher(P.teacher, data, teachers.teacher_recipe(P.teacher_epochs, P.batch_size, P.lr),
+                                **run_options(P))
+
+
 def part_one(name: str, P) -> list:
     """Chapters 2-5: the DeepNN teacher (trained or loaded), then the chapter's students."""
     chapter, method = PART_ONE[name]
-    data = _load(P)
-    teacher = teachers.get_teacher(P.teacher, data,
-                                   teachers.teacher_recipe(P.teacher_epochs, P.batch_size, P.lr), **run_options(P))
+    data = load_data(P)
+    teacher = part_one_teacher(P, data)
     weights = {k: P[k] for k in methods.METHODS[method].weights}
     runs = methods.train_seeds(method, data, seeds=P.seeds,
                                recipe=Recipe(epochs=P.epochs, batch_size=P.batch_size, lr=P.lr),
@@ -57,7 +66,7 @@ def teacher_data(P, data):
     images are the same."""
     if "teacher_train_size" not in P or P.teacher_train_size == P.train_size:
         return data
-    return _load(P, P.teacher_train_size)
+    return load_data(P, P.teacher_train_size)
 
 
 def part_two(P) -> dict:
@@ -86,7 +95,7 @@ def resnet_students(P, data, teacher) -> dict:
 
 def resnet_kd(P) -> list:
     """Chapter 8: the ResNet50 teacher, then ResNet18 with cross-entropy and with KD."""
-    data = _load(P)
+    data = load_data(P)
     teacher = resnet_teacher(P, data)
     students = resnet_students(P, data, teacher)
     return [teacher] + students["ce"] + students["kd"]
@@ -115,7 +124,7 @@ def plain_resnet18(P, data) -> list:
 
 def selfdistill(P) -> list:
     """Chapter 9's main result: the four-exit ResNet18 and the plain one, same recipe."""
-    data = _load(P)
+    data = load_data(P)
     return byot_runs(P, data) + plain_resnet18(P, data)
 
 
@@ -141,7 +150,7 @@ def pretrained_students(P, data, chosen) -> dict:
 
 def pretrained(P) -> list:
     """Chapter 10: the pretrained (or fallback) teacher and the three small-CNN students."""
-    data = _load(P)
+    data = load_data(P)
     chosen = teachers.pretrained_teacher(P, data)
     return [chosen.run] + [run for runs in pretrained_students(P, data, chosen).values() for run in runs]
 

@@ -69,6 +69,15 @@ def make_record(*, chapter, method, profile, device, data, recipe, params, histo
     }
 
 
+def describe_teacher(run) -> str:
+    """One line on a teacher a chapter loaded or trained: its accuracy and what produced it
+    (epochs, training images, device, minutes of training)."""
+    r = run.record
+    epochs = f"{r['epochs']} epoch{'s' if r['epochs'] != 1 else ''}"
+    return (f"teacher {r['method']}: {r['test_acc']:.2f}% test accuracy ({epochs} over "
+            f"{r['train_size']:,} training images, {r['device']}, {r['wall_time_s'] / 60:.1f} min of training)")
+
+
 def write_record(record: dict, path: str | Path) -> Path:
     """Write ``record`` atomically as JSON; returns the path."""
     missing = [k for k in REQUIRED if k not in record]

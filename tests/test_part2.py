@@ -323,7 +323,7 @@ def test_part_two_profiles(monkeypatch):
 def test_chapter_8_teacher_learns_from_the_images_its_profile_gives_it(monkeypatch):
     monkeypatch.delenv("KD_PROFILE", raising=False)
     data, loaded, asked = _tiny(), [], {}
-    monkeypatch.setattr(kd.recipes, "_load", lambda P, train_size="students": loaded.append(train_size) or "all")
+    monkeypatch.setattr(kd.recipes, "load_data", lambda P, train_size="students": loaded.append(train_size) or "all")
     smoke, cpu = kd.params.check("resnet", profile="smoke"), kd.params.check("resnet", profile="cpu")
     assert kd.recipes.teacher_data(smoke, data) is data and loaded == []   # the students' images
     assert kd.recipes.teacher_data(cpu, data) == "all" and loaded == [None]  # every training image
@@ -331,6 +331,27 @@ def test_chapter_8_teacher_learns_from_the_images_its_profile_gives_it(monkeypat
         name=name, data=d, epochs=recipe.epochs, test=kw["profile"]))
     kd.recipes.resnet_teacher(cpu, data)
     assert asked == {"name": "resnet50", "data": "all", "epochs": 1, "test": "cpu"}
+
+
+def test_a_chapters_setup_checks_its_parameters_loads_its_images_and_fills_its_box(monkeypatch, capsys):
+    monkeypatch.delenv("KD_PROFILE", raising=False)
+    loaded, glued = [], {}
+    monkeypatch.setattr(kd.recipes, "load_data", lambda P: loaded.append((P.train_size, P.test_size)) or _tiny())
+    monkeypatch.setattr(kd.notebook, "glue", lambda name, value, display=False: glued.update({name: value}))
+    notebook = {**kd.params.DEFAULTS["resnet"], "profile": "cpu", "device": "cpu", "In": [""]}
+    P, data = kd.notebook.setup(notebook, chapter="resnet", box="c7")
+    assert (P.profile, P.seeds, P.epochs) == ("cpu", [0, 1, 2], 3) and len(data.train_y) == 64
+    assert loaded == [(5000, None)]                      # the cpu profile's images, every test image
+    assert glued.pop("c7_device").startswith("cpu (")
+    assert glued == {"c7_profile": "cpu", "c7_train_size": 64, "c7_test_size": 40,
+                     "c7_profile_says": kd.params.profile_note("cpu")}
+    assert "profile=cpu, epochs=3, seeds=[0, 1, 2]" in capsys.readouterr().out
+    glued.clear()
+    kd.notebook.setup(notebook, chapter="resnet")        # no box: nothing glued
+    assert glued == {} and len(loaded) == 2
+    with pytest.raises(kd.params.ParameterError, match="alpah"):  # a misspelt papermill -p name
+        kd.notebook.setup({**notebook, "alpah": 0.5}, chapter="resnet")
+    assert len(loaded) == 2                               # caught before any image is read
 
 
 def test_imagenet_sized_datasets_fail_clearly_offline(tmp_path):

@@ -465,3 +465,14 @@ def test_paired_interval_of_per_seed_differences():
     assert wide["ci_low"] < 0 < wide["ci_high"] and not wide["significant"]
     alone = kd.results.paired_interval([0.7])
     assert alone["diff_mean"] == 0.7 and alone["ci_low"] != alone["ci_low"] and not alone["significant"]
+
+
+def test_a_teachers_line_says_what_produced_it():
+    from types import SimpleNamespace
+    record = {"method": "resnet50", "test_acc": 52.314, "epochs": 1, "train_size": 50000,
+              "device": "cpu (2 threads, AMD EPYC, AVX2)", "wall_time_s": 4404.0}
+    line = kd.results.describe_teacher(SimpleNamespace(record=record))
+    assert line == ("teacher resnet50: 52.31% test accuracy (1 epoch over 50,000 training images, "
+                    "cpu (2 threads, AMD EPYC, AVX2), 73.4 min of training)")
+    record.update(epochs=10, method="deepnn")
+    assert "(10 epochs over 50,000" in kd.results.describe_teacher(SimpleNamespace(record=record))

@@ -47,7 +47,7 @@ def planned(monkeypatch, tmp_path):
     def teacher(method, profile):
         return SimpleNamespace(model=nn.Identity(), record={"run_key": _teacher_key(method, profile)})
 
-    monkeypatch.setattr(kd.recipes, "_load", fake_load)
+    monkeypatch.setattr(kd.recipes, "load_data", fake_load)
     monkeypatch.setattr(kd.methods, "fit", fake_fit)
     monkeypatch.setattr(kd.teachers, "get_teacher", lambda name, *a, **k: teacher(name, k["profile"]))
     monkeypatch.setattr(kd.teachers, "pretrained_teacher", lambda P, data: kd.teachers.PretrainedTeacher(
@@ -78,7 +78,7 @@ def test_chapter_8_fast_records_keep_their_keys(planned):
 
 def test_chapter_9_shares_chapter_8s_plain_resnet18_only_when_it_is_the_same_run(planned):
     ch8, ch9 = kd.params.check("resnet", profile="cpu"), kd.params.check("selfdistill", profile="cpu")
-    data = kd.recipes._load(ch8)
+    data = kd.recipes.load_data(ch8)
     kd.recipes.resnet_students(ch8, data, SimpleNamespace(model=nn.Identity(), record={"run_key": "t"}))
     chapter_8_ce = planned[:3]
     del planned[:]
@@ -86,6 +86,6 @@ def test_chapter_9_shares_chapter_8s_plain_resnet18_only_when_it_is_the_same_run
     assert planned == chapter_8_ce   # the same three runs, trained once
     del planned[:]
     ch9_smoke = kd.params.check("selfdistill", profile="smoke")  # AutoAugment and erasing: R1's recipe
-    kd.recipes.plain_resnet18(ch9_smoke, kd.recipes._load(ch9_smoke))
+    kd.recipes.plain_resnet18(ch9_smoke, kd.recipes.load_data(ch9_smoke))
     assert len(planned) == 1 and planned[0] not in chapter_8_ce
     assert planned.chapter[planned[0]] == "selfdistill" and planned.chapter[chapter_8_ce[0]] == "resnet"
