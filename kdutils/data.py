@@ -404,8 +404,9 @@ class TensorLoader:
         drop = self.drop_last or (self.world > 1 and self.shuffle)
         return n // self.batch_size if drop else -(-n // self.batch_size)
 
-    # AutoAugment costs a few dozen small tensor operations per call, whatever the batch: it is
-    # applied to this many images at once (whole batches), and the batches are cut from them.
+    # AutoAugment costs the same set of small tensor operations per call, whatever the number of
+    # images: it is applied to this many images at once (whole batches), and the batches are
+    # cut from them.
     AUTOAUGMENT_CHUNK = 1024
 
     def chunk(self) -> int:
