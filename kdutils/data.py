@@ -408,11 +408,25 @@ class TensorLoader:
     # images: it is applied to this many images at once (whole batches), and the batches are
     # cut from them.
     AUTOAUGMENT_CHUNK = 1024
+    # On a GPU every augmentation call also copies its random draws from host memory, and a copy
+    # from pageable host memory first waits for the device to finish the work queued before it:
+    # the loop cannot queue the next steps until the device is idle. Augmenting this many images
+    # per call leaves one such wait every few dozen steps instead of one per batch.
+    ACCELERATOR_CHUNK = 16384
 
-    def chunk(self) -> int:
-        """How many batches are augmented together: one, or with AutoAugment as many as make
-        :data:`AUTOAUGMENT_CHUNK` images (the draws are still one per image, from the epoch's
-        generator, so an epoch's batches stay a function of ``(seed, epoch)``)."""
+    def chunk(self, device_type: str | None = None) -> int:
+        """How many batches are augmented together on ``device_type`` (default: the loader's).
+
+        On a CPU: one, or with AutoAugment as many as make :data:`AUTOAUGMENT_CHUNK` images.
+        On an accelerator, with any augmentation: as many as make :data:`ACCELERATOR_CHUNK`.
+        The draws are still one per image, from the epoch's generator, so an epoch's batches
+        stay a function of ``(seed, epoch)`` and of the chunk; the images of each batch and
+        their order do not depend on the chunk at all.
+        """
+        kind = device_type or self.device.type
+        augments = self.augment or bool(self.autoaugment) or self.erasing > 0 or self.views is not None
+        if kind != "cpu" and augments:
+            return max(1, self.ACCELERATOR_CHUNK // self.batch_size)
         return max(1, self.AUTOAUGMENT_CHUNK // self.batch_size) if self.autoaugment else 1
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -242,6 +242,34 @@ def paired_comparison(records, baseline: str, label: str = "method", confidence:
     return pd.DataFrame(rows)
 
 
+def by_profile(students, teachers, baseline: str = "ce", method: str = "kd"):
+    """A chapter at every scale it was run at: one row per profile of ``students`` (smoke runs
+    left out), with the device, the teacher that ``method``'s runs learned from (its accuracy
+    and training images, found by its run key in ``teachers``), the students' training images
+    and seeds, both students' mean accuracy, and ``method`` - ``baseline`` paired by seed with
+    its 95% interval."""
+    import pandas as pd
+    rows = []
+    for profile, group in students[students.profile != "smoke"].groupby("profile", sort=False):
+        comp = paired_comparison(group, baseline).set_index("method")
+        keys = set(group.loc[group.method == method, "teacher_key"])
+        teacher = teachers[teachers.run_key.isin(keys)]
+        if len(teacher) != 1:
+            raise ValueError(f"profile {profile!r}: the {method} runs learned from {len(keys)} "
+                             f"teacher(s), {len(teacher)} found among the teacher records")
+        rows.append({"profile": profile, "device": group.device.iloc[0],
+                     "teacher (%)": teacher.test_acc.iloc[0],
+                     "teacher images": int(teacher.train_size.iloc[0]),
+                     "student images": int(group.train_size.iloc[0]),
+                     "seeds": int(comp.loc[method, "seeds"]),
+                     f"{baseline} (%)": comp.loc[baseline, "acc_mean"],
+                     f"{method} (%)": comp.loc[method, "acc_mean"],
+                     **{k: comp.loc[method, k] for k in ("diff_mean", "ci_low", "ci_high")}})
+    columns = ["profile", "device", "teacher (%)", "teacher images", "student images", "seeds",
+               f"{baseline} (%)", f"{method} (%)", "diff_mean", "ci_low", "ci_high"]
+    return pd.DataFrame(rows, columns=columns).set_index("profile")
+
+
 def paired_interval(differences, confidence: float = 0.95) -> dict:
     """Mean and spread of per-seed ``differences`` (each a paired run minus its baseline), with a
     ``confidence`` interval from Student's t distribution (n - 1 degrees of freedom):

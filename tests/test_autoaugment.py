@@ -188,6 +188,27 @@ def test_loader_augments_whole_chunks_of_batches_and_cuts_them_like_single_batch
     assert all(torch.equal(a[0], b[0]) for a, b in zip(chunked, again))   # (seed, epoch) decides
 
 
+def test_an_accelerator_augments_many_batches_per_call_whatever_the_augmentation(monkeypatch):
+    """On a GPU each augmentation call waits for the device (its draws are copied from the
+    host), so there the loader augments ACCELERATOR_CHUNK images per call for any augmentation;
+    without augmentation, or on the CPU without AutoAugment, it stays batch by batch. Cutting a
+    crop-and-flip epoch into chunks keeps every batch's images and order."""
+    x, y = _images(70), torch.arange(70) % 10
+    crop = lambda: TensorLoader(x, y, 16, shuffle=True, augment=True, seed=4)  # noqa: E731
+    plain = TensorLoader(x, y, 16, shuffle=True)
+    auto = TensorLoader(x, y, 256, shuffle=True, augment=True, autoaugment=True)
+    assert TensorLoader.ACCELERATOR_CHUNK // 16 > TensorLoader.AUTOAUGMENT_CHUNK // 16 > 1
+    assert [crop().chunk(d) for d in ("cpu", "cuda", "mps")] == [1] + [TensorLoader.ACCELERATOR_CHUNK // 16] * 2
+    assert [plain.chunk(d) for d in ("cpu", "cuda")] == [1, 1]
+    assert [auto.chunk(d) for d in ("cpu", "cuda")] == [4, TensorLoader.ACCELERATOR_CHUNK // 256]
+    single = _batches(crop())
+    monkeypatch.setattr(TensorLoader, "chunk", lambda self, device_type=None: 3)
+    chunked = _batches(crop())
+    assert [len(b) for b, _, _ in chunked] == [len(b) for b, _, _ in single] == [16, 16, 16, 16, 6]
+    for (xc, yc, kc), (xs, ys, ks) in zip(chunked, single):
+        assert torch.equal(kc, ks) and torch.equal(yc, ys)
+
+
 def test_processes_share_a_chunk_as_they_share_a_batch(monkeypatch):
     monkeypatch.setattr(TensorLoader, "AUTOAUGMENT_CHUNK", 32)
     x, y = _images(72), torch.arange(72) % 10

@@ -457,6 +457,32 @@ def test_paired_comparison_pairs_by_seed_and_its_interval_says_what_it_shows():
     assert verdict(float("nan"), float("nan")) == "too few paired seeds to tell"
 
 
+def test_a_chapter_by_profile_pairs_each_scale_with_its_own_teacher():
+    import pandas as pd
+    rows = []
+    for profile, size, tkey, pairs in (("cpu", 5000, "t1", [(40.0, 50.0), (42.0, 51.0), (41.0, 53.0)]),
+                                       ("smoke", 320, "t0", [(10.0, 11.0), (12.0, 9.0)]),
+                                       ("fast", 50000, "t2", [(90.0, 90.5), (90.2, 91.1), (90.1, 91.0)])):
+        for seed, (ce, kdv) in enumerate(pairs):
+            rows += [dict(chapter="resnet", method=m, profile=profile, seed=seed, test_acc=acc,
+                          params={"epochs": size}, data_source="d", train_size=size, test_size=1,
+                          teacher_key=key, model="M", device=f"dev-{profile}")
+                     for m, acc, key in (("ce", ce, None), ("kd", kdv, tkey))]
+    teachers = pd.DataFrame([dict(run_key=k, test_acc=acc, train_size=50000)
+                             for k, acc in (("t0", 9.0), ("t1", 52.3), ("t2", 90.3))])
+    table = kd.results.by_profile(pd.DataFrame(rows), teachers)
+    assert list(table.index) == ["cpu", "fast"]                         # smoke left out
+    assert table.loc["cpu", "teacher (%)"] == 52.3 and table.loc["fast", "teacher (%)"] == 90.3
+    assert table.loc["cpu", "student images"] == 5000 and table.loc["cpu", "teacher images"] == 50000
+    assert table.loc["cpu", "diff_mean"] == pytest.approx((10 + 9 + 12) / 3)
+    assert table.loc["fast", "kd (%)"] == pytest.approx(90.8667, abs=1e-4) and table.loc["fast", "seeds"] == 3
+    assert table.loc["fast", "ci_low"] < table.loc["fast", "diff_mean"] < table.loc["fast", "ci_high"]
+    smoke_only = kd.results.by_profile(pd.DataFrame(rows[6:10]), teachers)
+    assert smoke_only.empty and "diff_mean" in smoke_only
+    with pytest.raises(ValueError, match="profile 'cpu'.*1 teacher.*0 found"):
+        kd.results.by_profile(pd.DataFrame(rows), teachers[teachers.run_key != "t1"])
+
+
 def test_paired_interval_of_per_seed_differences():
     one = kd.results.paired_interval([1.0, 1.5, 1.0, 1.5, 1.0])   # the 'a - ce' differences above
     assert one["diff_mean"] == pytest.approx(1.2) and one["diff_std"] == pytest.approx(0.273861, abs=1e-6)
