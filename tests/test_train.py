@@ -258,6 +258,30 @@ def test_fit_leaves_the_callers_random_state_alone(tiny, dirs):
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_a_reloaded_run_keeps_its_record_unless_another_training_wrote_it(tiny, dirs, capsys):
+    """A finished run reloads with the record that says how it was made. A record of the same
+    run key written by another training (copied from another machine, say) does not describe
+    these weights: it is rewritten from the checkpoint's own epochs."""
+    train = lambda: fit(kd.models.build("lightnn", seed=0), tiny, Recipe(epochs=2, batch_size=32),  # noqa: E731
+                        chapter="baseline", method="ce", profile="smoke", **dirs)
+    first = train()
+    written = first.record_path.read_text()
+    assert train().record == first.record and first.record_path.read_text() == written
+    other = json.loads(written)
+    other["history"] = [{**h, "test_acc": h["test_acc"] + 7.0, "seconds": h["seconds"] * 3}
+                        for h in other["history"]]
+    other.update(test_acc=other["history"][-1]["test_acc"], wall_time_s=123.0)
+    first.record_path.write_text(json.dumps(other))
+    again = train()
+    assert "described another training" in capsys.readouterr().out
+    assert again.record["history"] == first.record["history"]
+    assert again.record["test_acc"] == first.record["test_acc"] != other["test_acc"]
+    assert json.loads(first.record_path.read_text())["wall_time_s"] == first.record["wall_time_s"]
+    assert not kd.train.same_training(other["history"], first.record["history"])
+    assert not kd.train.same_training(first.record["history"][:1], first.record["history"])
+    assert not kd.train.same_training(None, first.record["history"])
+
+
 def test_summaries_can_group_by_any_record_field(tiny, dirs):
     kd.methods.train_seeds("ce", tiny, seeds=[0, 1], recipe=Recipe(epochs=1, batch_size=32), **dirs)
     table = kd.results.summarize(kd.results.load_records(dirs["results_dir"]),
