@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,17 @@ def is_finished(checkpoint: Path, epochs: int) -> bool:
         return checkpoint.is_file() and load_checkpoint(checkpoint).get("epoch") == epochs
     except (CheckpointError, OSError):
         return False
+
+
+def same_training(recorded: list | None, history: list) -> bool:
+    """Whether a record's per-epoch history is the checkpoint's: same epochs, and each epoch's
+    test accuracy and seconds equal. The seconds differ between any two trainings, so a record
+    left by another training of the same run (another machine, an earlier try) never matches."""
+    if not recorded or len(recorded) != len(history):
+        return False
+    return all(math.isclose(a.get("test_acc", math.nan), b["test_acc"], rel_tol=1e-9)
+               and math.isclose(a.get("seconds", math.nan), b["seconds"], rel_tol=1e-9)
+               for a, b in zip(recorded, history))
 
 
 def check_writable(folder: Path) -> None:
@@ -123,9 +135,18 @@ class RunFiles:
         state = load_checkpoint(self.best, map_location=device)
         load_state_dict_strict(model, state["model"], str(self.best))
 
-    def existing_record(self) -> dict | None:
-        """The record of the finished run, if it was written."""
-        return json.loads(self.record_path.read_text()) if self.record_path.is_file() else None
+    def existing_record(self, history: list) -> dict | None:
+        """The record of the finished run whose checkpoint holds ``history``, if it was written.
+        A record of this key left by another training (another machine, an earlier try) does
+        not describe these weights: None, with a line saying it will be rewritten."""
+        if not self.record_path.is_file():
+            return None
+        record = json.loads(self.record_path.read_text())
+        if same_training(record.get("history"), history):
+            return record
+        print(f"{self.record_path.name} described another training of this run (its epochs "
+              f"differ from the checkpoint's); rewritten from {self.checkpoint.name}")
+        return None
 
     def write_record(self, record: dict) -> Path:
         return write_record(record, self.record_path)

@@ -8,7 +8,6 @@ themselves (:func:`kdutils.loop.train_epoch`), evaluation after every epoch, and
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -20,7 +19,8 @@ from .data import FixedViews, ImageData, TensorLoader, loaders
 from .loop import (Step, TeacherTargets, TrainingDiverged, ce_step,  # noqa: F401 (re-exported)
                    evaluate, evaluate_exits, freeze, precompute_teacher, train_epoch, with_teacher)
 from .results import OPTIONAL_RECIPE_FIELDS, make_record
-from .runs import Run, RunFiles, check_writable, is_finished, run_key, run_paths  # noqa: F401
+from .runs import (Run, RunFiles, check_writable, is_finished, run_key, run_paths,  # noqa: F401
+                   same_training)
 from .speed import (Speed, choose_layout, choose_precision,  # noqa: F401 (re-exported)
                     cuda_native_bf16)
 
@@ -329,17 +329,6 @@ def _epoch(epoch, model, run_model, batches, step, opt, sched, scaler, amp, reci
     return row
 
 
-def same_training(recorded: list | None, history: list) -> bool:
-    """Whether a record's per-epoch history is the checkpoint's: same epochs, and each epoch's
-    test accuracy and seconds equal. The seconds differ between any two trainings, so a record
-    left by another training of the same run (another machine, an earlier try) never matches."""
-    if not recorded or len(recorded) != len(history):
-        return False
-    return all(math.isclose(a.get("test_acc", math.nan), b["test_acc"], rel_tol=1e-9)
-               and math.isclose(a.get("seconds", math.nan), b["seconds"], rel_tol=1e-9)
-               for a, b in zip(recorded, history))
-
-
 def _save(files: RunFiles, model, opt, sched, scaler, history, extra_s, select) -> None:
     """The epoch's checkpoint, and the best-validation weights when this epoch is the first
     with the best held-out accuracy (ties keep the earlier one)."""
@@ -367,12 +356,9 @@ def _finish(files: RunFiles, model, data, recipe, history, start, extra_s, dev, 
         best = max(range(len(history)), key=lambda i: (history[i]["val_acc"], -i))
         files.load_best(model, dev)
         extra.update(selected_epoch=best + 1, select="val", val_acc=history[best]["val_acc"])
-    existing = files.existing_record() if start == recipe.epochs and w.main else None
-    if existing is not None and same_training(existing.get("history"), history):
+    existing = files.existing_record(history) if start == recipe.epochs and w.main else None
+    if existing is not None:
         return Run(model, existing, files.checkpoint, files.record_path, start)
-    if existing is not None:  # written by another training of this run: describe these weights
-        print(f"{files.record_path.name} described another training of this run (its epochs "
-              f"differ from the checkpoint's); rewritten from {files.checkpoint.name}")
     record = make_record(**identity, device=dev, data=data, recipe=recipe, history=history,
                          model=model, key=files.key,
                          wall_time_s=sum(h["seconds"] for h in history) + extra_s, extra=extra)
