@@ -5,6 +5,7 @@ One module per concern: :mod:`~kdutils.settings` (environment, paths), :mod:`~kd
 batched augmentation), :mod:`~kdutils.autoaugment` (AutoAugment on whole batches), :mod:`~kdutils.models`, :mod:`~kdutils.losses`,
 :mod:`~kdutils.loop` (one epoch of training, evaluation), :mod:`~kdutils.train` (``fit``: a
 whole run around the loop), :mod:`~kdutils.runs` (a run's key, checkpoint and record),
+:mod:`~kdutils.fingerprint` (what code a run ran),
 :mod:`~kdutils.speed` (precision and layout per machine), :mod:`~kdutils.checkpoint`,
 :mod:`~kdutils.teachers` (the teacher cache), :mod:`~kdutils.airbench` (the strong CIFAR-10 teacher),
 :mod:`~kdutils.regimes` (few labels, agreement, calibration), :mod:`~kdutils.results` (run records, tables), :mod:`~kdutils.plots`,
@@ -21,8 +22,8 @@ with _warnings.catch_warnings():
     _warnings.simplefilter("ignore", _TqdmWarning)
     import tqdm.auto  # noqa: F401
 
-from . import (airbench, autoaugment, checkpoint, data, dist, loop, losses, methods,  # noqa: F401
-               models, notebook, params, plots, recipes, regimes, results, runs, settings, speed,
+from . import (airbench, autoaugment, checkpoint, data, dist, fingerprint, loop, losses,  # noqa: F401
+               methods, models, notebook, params, plots, recipes, regimes, results, runs, settings, speed,
                teachers, train)
 from .notebook import show_code  # noqa: F401
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from . import settings
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint, load_state_dict_strict
+from .fingerprint import code_fingerprint, is_stale
 from .data import ImageData, TensorLoader, normalize, random_crop_flip
 from .results import make_record, write_record
 from .dist import world
@@ -263,11 +264,14 @@ def train_airbench(data: ImageData, recipe: AirbenchRecipe = AirbenchRecipe(), *
     t0 = time.perf_counter()
     net = build_airbench(recipe.seed, data, recipe)
     setup_s = time.perf_counter() - t0
+    # what this teacher's numbers depend on besides the recipe: its training and test code
+    code = code_fingerprint(_airbench_epoch, _optimizer, lr_factor, AirbenchBatches, accuracy, net)
     n_batches = len(data.train_y) // recipe.batch_size
     setting = speed.resolve(net, dev, recipe.batch_size, data.train_x.shape[-1],
                             cache=settings.ckpt_dir(ckpt_dir) / "speed" / "cpu_choices.json",
                             measure=speed.measure and n_batches > 0 and not is_finished(
-                                ckpt, math.ceil(math.ceil(n_batches * recipe.epochs) / n_batches)))
+                                ckpt, math.ceil(math.ceil(n_batches * recipe.epochs) / n_batches),
+                                code))
     amp, cl = setting["amp"], setting["channels_last"]
     fmt = torch.channels_last if cl else torch.contiguous_format
     net = net.to(dev, memory_format=fmt)
@@ -283,17 +287,7 @@ def train_airbench(data: ImageData, recipe: AirbenchRecipe = AirbenchRecipe(), *
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total))
     # lookahead: every 5 steps the weights move to an average that trusts them more over time
     decay = 0.95 ** 5 * (torch.arange(total + 1) / total) ** 3
-    average = {k: v.clone() for k, v in net.state_dict().items()}
-    history, start, step = [], 0, 0
-    if ckpt.is_file():
-        state = load_checkpoint(ckpt, map_location=dev)
-        if state.get("key") != key:
-            raise CheckpointError(f"checkpoint {ckpt} belongs to another run; delete it to start over")
-        load_state_dict_strict(net, state["model"], str(ckpt))
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        average = {k: v.to(dev) for k, v in state["average"].items()}
-        history, start, step = state["history"], state["epoch"], state["step"]
+    average, history, start, step = _resume(ckpt, key, code, net, opt, sched, dev)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing, reduction="sum")
     bar = None
     if progress and start < epochs:
@@ -316,15 +310,31 @@ def train_airbench(data: ImageData, recipe: AirbenchRecipe = AirbenchRecipe(), *
                 bar.set_postfix(epoch=epoch + 1, acc=f"{acc:.2f}")
             atomic_save({"key": key, "epoch": epoch + 1, "step": step, "model": net.state_dict(),
                          "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                         "average": average, "history": history}, ckpt)
+                         "average": average, "history": history, "code": code}, ckpt)
     finally:
         if bar is not None:
             bar.close()
     if start == epochs and record_path.is_file():
         return Run(net.eval(), json.loads(record_path.read_text()), ckpt, record_path, start)
     record = _airbench_record(net, data, recipe, profile, dev, history, key, setup_s, step, setting)
+    record["code"] = code
     write_record(record, record_path)
     return Run(net.eval(), record, ckpt, record_path, start)
+
+
+def _resume(ckpt, key: str, code: dict, net, opt, sched, dev) -> tuple[dict, list, int, int]:
+    """The lookahead average, history, next epoch and step from ``ckpt`` (loaded into ``net``,
+    ``opt`` and ``sched``); a fresh start without a checkpoint or when other code made it."""
+    state = load_checkpoint(ckpt, map_location=dev) if ckpt.is_file() else None
+    if state is not None and state.get("key") != key:
+        raise CheckpointError(f"checkpoint {ckpt} belongs to another run; delete it to start over")
+    if state is None or is_stale(state.get("code"), code, ckpt.name):
+        return {k: v.clone() for k, v in net.state_dict().items()}, [], 0, 0
+    load_state_dict_strict(net, state["model"], str(ckpt))
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return ({k: v.to(dev) for k, v in state["average"].items()}, state["history"], state["epoch"],
+            state["step"])
 
 
 def _airbench_epoch(net, batches, loss_fn, opt, sched, scaler, amp, step: int, total: int,

@@ -2,7 +2,9 @@
 
 Everything that defines a run (chapter, method, recipe, loss weights, data, teacher, model)
 is hashed into a short key; the checkpoint and the record are named by it. Starting the same
-run again therefore finds its checkpoint and continues from the last finished epoch.
+run again therefore finds its checkpoint and continues from the last finished epoch. The
+code a run ran (:func:`kdutils.fingerprint.code_fingerprint`) is saved beside the key: a
+checkpoint made by other code is trained again rather than reloaded.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from torch import nn
 
 from . import settings
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint, load_state_dict_strict
+from .fingerprint import changed, is_stale
 from .results import write_record
 
 
@@ -58,12 +61,14 @@ def run_paths(model: nn.Module, data, recipe, *, chapter: str, method: str, para
             settings.results_dir(results_dir) / chapter / f"{name}.json")
 
 
-def is_finished(checkpoint: Path, epochs: int) -> bool:
-    """Whether ``checkpoint`` exists and holds all ``epochs`` of its run."""
+def is_finished(checkpoint: Path, epochs: int, code: dict | None = None) -> bool:
+    """Whether ``checkpoint`` exists and holds all ``epochs`` of its run (made by ``code``, a
+    fingerprint, when one is given)."""
     try:
-        return checkpoint.is_file() and load_checkpoint(checkpoint).get("epoch") == epochs
+        state = load_checkpoint(checkpoint) if checkpoint.is_file() else {}
     except (CheckpointError, OSError):
         return False
+    return state.get("epoch") == epochs and not (code and changed(state.get("code"), code))
 
 
 def same_training(recorded: list | None, history: list) -> bool:
@@ -92,11 +97,13 @@ def check_writable(folder: Path) -> None:
 @dataclass(frozen=True)
 class RunFiles:
     """Where one run keeps its state: the checkpoint after every epoch (weights, optimiser,
-    schedule, scaler, history), the best-validation weights, and the record."""
+    schedule, scaler, history), the best-validation weights, and the record. ``code`` is
+    the fingerprint of the code about to train (None: not checked)."""
 
     key: str
     checkpoint: Path
     record_path: Path
+    code: dict | None = None
 
     @property
     def best(self) -> Path:
@@ -104,7 +111,9 @@ class RunFiles:
 
     def resume(self, model, optimizer, scheduler, scaler, device) -> tuple[list, int, float]:
         """Load the last checkpoint into the training state, if there is one; returns the
-        history so far, the next epoch and the seconds spent outside epochs."""
+        history so far, the next epoch and the seconds spent outside epochs. A checkpoint
+        made by other code (its fingerprint differs from ``code``) is not used: the run starts
+        over, with a line naming what changed."""
         if not self.checkpoint.is_file():
             return [], 0, 0.0
         state = load_checkpoint(self.checkpoint, map_location=device)
@@ -112,6 +121,8 @@ class RunFiles:
             raise CheckpointError(f"checkpoint {self.checkpoint} belongs to another run (key "
                                   f"{state.get('key')!r}, expected {self.key!r}); delete it to "
                                   "start over")
+        if is_stale(state.get("code"), self.code, self.checkpoint.name):
+            return [], 0, 0.0
         load_state_dict_strict(model, state["model"], str(self.checkpoint))
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
@@ -126,7 +137,7 @@ class RunFiles:
                      "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict() if scheduler is not None else None,
                      "scaler": scaler.state_dict() if scaler is not None else None,
-                     "history": history, "extra_s": extra_s}, self.checkpoint)
+                     "history": history, "extra_s": extra_s, "code": self.code}, self.checkpoint)
 
     def save_best(self, model, epoch: int) -> None:
         atomic_save({"key": self.key, "epoch": epoch, "model": model.state_dict()}, self.best)

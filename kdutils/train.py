@@ -16,6 +16,7 @@ from torch import nn
 
 from . import dist, settings
 from .data import FixedViews, ImageData, TensorLoader, loaders
+from .fingerprint import code_fingerprint
 from .loop import (Step, TeacherTargets, TrainingDiverged, ce_step,  # noqa: F401 (re-exported)
                    evaluate, evaluate_exits, freeze, precompute_teacher, train_epoch, with_teacher)
 from .results import OPTIONAL_RECIPE_FIELDS, make_record
@@ -173,13 +174,14 @@ def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, meth
     params = dict(params or {})
     files = RunFiles(*run_paths(model, data, recipe, chapter=chapter, method=method, params=params,
                                 profile=profile, teacher_key=teacher_key, ckpt_dir=ckpt_dir,
-                                results_dir=results_dir))
+                                results_dir=results_dir),
+                     code=code_fingerprint(step, teacher_targets, model))
     for folder in (files.checkpoint.parent, files.record_path.parent) if w.main else ():
         check_writable(folder)
     setting = speed.resolve(model, dev, recipe.batch_size, data.train_x.shape[-1],
                             cache=settings.ckpt_dir(ckpt_dir) / "speed" / "cpu_choices.json",
                             measure=speed.measure and not w.distributed
-                            and not is_finished(files.checkpoint, recipe.epochs))
+                            and not is_finished(files.checkpoint, recipe.epochs, files.code))
     amp, layout = setting["amp"], _layout(setting["channels_last"])
     model.to(dev, memory_format=layout)
     if teacher is not None:
@@ -348,6 +350,7 @@ def _finish(files: RunFiles, model, data, recipe, history, start, extra_s, dev, 
                        "compile": speed.compile}}
     if setting["choice"] is not None:
         extra["speed"]["choice"] = setting["choice"]
+    extra["code"] = files.code
     if w.distributed:
         extra["processes"] = w.size
     if "exit_acc" in history[-1]:

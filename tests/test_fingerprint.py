@@ -1,0 +1,132 @@
+"""A run's code fingerprint: a changed loss trains again, a changed comment reloads."""
+import functools
+import importlib
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import kdutils as kd
+from kdutils.checkpoint import atomic_save, load_checkpoint
+from kdutils.data import ImageData
+from kdutils.fingerprint import changed, code_fingerprint
+from kdutils.train import Recipe, fit
+
+STEP = '''
+import torch.nn.functional as F
+
+
+def smoothing():
+    return {smoothing}
+
+
+def step(model, x, y, t):
+    """{doc}"""
+    {comment}
+    return F.cross_entropy(model(x), y, label_smoothing=smoothing())
+'''
+
+
+@pytest.fixture
+def module(tmp_path, monkeypatch):
+    """Write the loss module with the given text and (re)import it under one name, as an
+    edited file is imported again by a restarted notebook."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    name = f"kd_fp_steps_{tmp_path.name}"
+    path = tmp_path / f"{name}.py"
+
+    def write(smoothing=0.0, doc="The loss.", comment="# cross-entropy"):
+        path.write_text(textwrap.dedent(STEP.format(smoothing=smoothing, doc=doc, comment=comment)))
+        importlib.invalidate_caches()
+        sys.modules.pop(name, None)
+        return importlib.import_module(name)
+    yield write
+    sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def tiny():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(96) % 10
+    x = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=g)
+    x[:, 0] = (y * 25).to(torch.uint8).view(-1, 1, 1)
+    return ImageData(x[:64], y[:64], x[64:], y[64:], kd.data.CIFAR10_CLASSES, "synthetic")
+
+
+def test_a_fingerprint_follows_the_code_a_step_calls_and_ignores_comments_and_docstrings(module, tmp_path):
+    m = module()
+    fp = code_fingerprint(m.step, kd.models.build("lightnn", seed=0))
+    own = {f"{m.__name__}.step", f"{m.__name__}.smoothing"}
+    assert own <= fp.keys()                     # the helper the step calls, by name
+    assert "kdutils.models.LightNN" in fp       # the model's classes
+    assert not [n for n in fp if n.startswith(("torch", "torchvision"))]  # libraries: by version
+    base = code_fingerprint(m.step)             # (read now: the source is read from the file)
+    assert code_fingerprint(module(doc="Reworded.\n\n    At length.", comment="").step) == base
+    edited = code_fingerprint(module(smoothing=0.1).step)
+    assert changed(base, edited) == [f"{m.__name__}.smoothing"]
+    # partials and wrappers made with functools.wraps are the function they wrap
+    assert code_fingerprint(functools.partial(kd.methods.kd_step, T=2.0)) == \
+        code_fingerprint(kd.methods.kd_step)
+    assert code_fingerprint(functools.wraps(kd.methods.kd_step)(lambda *a: None)) == \
+        code_fingerprint(kd.methods.kd_step)
+    assert changed(None, edited) == []          # a checkpoint made before fingerprints existed
+    # a notebook's own step, calling the book's loss through the package
+    namespace = {"kd": kd, "__name__": "__main__"}   # as in a notebook
+    exec(compile("def step(model, x, y, t):\n    return kd.losses.kd_loss(model(x), t, y)\n",
+                 str(tmp_path / "cell.py"), "exec"), namespace)
+    (tmp_path / "cell.py").write_text("def step(model, x, y, t):\n"
+                                      "    return kd.losses.kd_loss(model(x), t, y)\n")
+    assert "kdutils.losses.kd_loss" in code_fingerprint(namespace["step"])
+
+
+def test_a_run_whose_loss_changed_trains_again_and_one_whose_comments_changed_reloads(
+        module, tiny, tmp_path, capsys):
+    dirs = dict(ckpt_dir=str(tmp_path / "ckpt"), results_dir=str(tmp_path / "results"),
+                progress=False)
+
+    def train(m):
+        return fit(kd.models.build("lightnn", seed=0), tiny, Recipe(epochs=2, batch_size=32),
+                   step=m.step, chapter="baseline", method="ce", **dirs)
+    first = train(module())
+    assert first.resumed_from_epoch == 0 and first.record["code"] == code_fingerprint(
+        module().step, kd.models.build("lightnn", seed=0))
+    capsys.readouterr()
+
+    reworded = train(module(doc="Cross-entropy with the labels.", comment="# reworded"))
+    assert reworded.resumed_from_epoch == 2 and reworded.record == first.record
+    assert "other code" not in capsys.readouterr().out
+
+    smoothed = train(module(smoothing=0.3))
+    out = capsys.readouterr().out
+    assert f"{module().__name__}.smoothing changed since" in out and "training again" in out
+    assert smoothed.resumed_from_epoch == 0 and smoothed.checkpoint == first.checkpoint
+    assert smoothed.record["run_key"] == first.record["run_key"]   # same key, new training
+    assert smoothed.record["code"] != first.record["code"]
+    assert [h["train_loss"] for h in smoothed.record["history"]] != \
+        [h["train_loss"] for h in first.record["history"]]
+    assert load_checkpoint(first.checkpoint)["code"] == smoothed.record["code"]
+
+    # a checkpoint written before fingerprints existed is reloaded as it is
+    state = load_checkpoint(first.checkpoint)
+    del state["code"]
+    atomic_save(state, first.checkpoint)
+    legacy = train(module())
+    assert legacy.resumed_from_epoch == 2 and "other code" not in capsys.readouterr().out
+
+
+def test_an_edited_teacher_recipe_code_trains_the_strong_teacher_again(tmp_path, monkeypatch, capsys):
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(120) % 10
+    x = torch.randint(0, 256, (120, 3, 32, 32), dtype=torch.uint8, generator=g)
+    data = ImageData(x[:80], y[:80], x[80:], y[80:], kd.data.CIFAR10_CLASSES, "synthetic")
+    dirs = dict(ckpt_dir=str(tmp_path / "c"), results_dir=str(tmp_path / "r"), progress=False)
+    r = kd.airbench.AirbenchRecipe(epochs=1, batch_size=40, seed=0)
+    first = kd.airbench.train_airbench(data, r, profile="t", **dirs)
+    assert "kdutils.airbench._airbench_epoch" in first.record["code"]
+    assert kd.airbench.train_airbench(data, r, profile="t", **dirs).resumed_from_epoch == 1
+    real = kd.airbench.lr_factor
+    monkeypatch.setattr(kd.airbench, "lr_factor", lambda step, total: 0.5 * real(step, total))
+    again = kd.airbench.train_airbench(data, r, profile="t", **dirs)
+    assert again.resumed_from_epoch == 0 and "other code" in capsys.readouterr().out
