@@ -79,6 +79,12 @@ def arch_name(model: nn.Module) -> str:
     return getattr(model, "arch", type(model).__name__.lower())
 
 
+def builders(model: nn.Module) -> list:
+    """The :data:`MODELS` entries that built ``model`` and the networks inside it (a student
+    wrapped with a regressor, say): what made a network whose class is a library's."""
+    return [MODELS[m.arch] for m in model.modules() if getattr(m, "arch", None) in MODELS]
+
+
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (all, or only those with ``requires_grad``)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -26,7 +26,7 @@ from .losses import ce_loss, soft_target_loss
 from .methods import ce_step, kd_step, kd_targets
 from .models import build
 from .results import paired_comparison
-from .train import (Recipe, Run, fit, is_finished, pick_device, precompute_teacher, run_key,
+from .train import (Recipe, Run, fit, is_finished, pick_device, precompute_teacher, run_code, run_key,
                     run_paths)
 
 ARMS = ("ce", "kd", "kd_unlabelled")
@@ -154,7 +154,7 @@ def few_label_runs(data: ImageData, teacher: Run, *, fractions, seeds, epochs: i
                 _, ckpt, _ = run_paths(model, train_data, recipe, method=arm, params=params,
                                        teacher_key=kw.get("teacher_key"), chapter="pays",
                                        profile=profile, ckpt_dir=ckpt_dir)
-                if kw and not is_finished(ckpt, epochs):
+                if kw and not is_finished(ckpt, epochs, run_code(model, step, kd_targets, teacher.model)):
                     t_all = teacher_logits()
                     if arm == "kd":
                         kw["teacher_outputs"] = {"logits": t_all[rows]}
@@ -274,7 +274,7 @@ def view_runs(data: ImageData, teacher: Run, *, fraction: float, views: int, epo
                 _, ckpt, _ = run_paths(model, subset, recipe, method=arm, params=params,
                                        teacher_key=kw.get("teacher_key"), chapter="pays",
                                        profile=profile, ckpt_dir=ckpt_dir)
-                if kw and not is_finished(ckpt, epochs):
+                if kw and not is_finished(ckpt, epochs, run_code(model, step, kd_targets, teacher.model)):
                     kw["teacher_outputs"] = teacher_table(arm)
                 runs.append(fit(model, subset, recipe, method=arm, step=step, params=params,
                                 profile=profile, device=device, ckpt_dir=ckpt_dir,

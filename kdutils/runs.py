@@ -18,7 +18,8 @@ from torch import nn
 
 from . import settings
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint, load_state_dict_strict
-from .fingerprint import changed, is_stale
+from .fingerprint import changed, code_fingerprint, is_stale
+from .models import builders
 from .results import write_record
 
 
@@ -61,6 +62,15 @@ def run_paths(model: nn.Module, data, recipe, *, chapter: str, method: str, para
             settings.results_dir(results_dir) / chapter / f"{name}.json")
 
 
+def run_code(model: nn.Module, step, teacher_targets=None, teacher: nn.Module | None = None) -> dict:
+    """The fingerprint of what a run's numbers depend on beyond its key: the loss step, the
+    teacher's targets, the student's and the teacher's classes and the builders that made
+    them, with the book's functions they call (:func:`kdutils.fingerprint.code_fingerprint`).
+    The loop around the step (``train_epoch``, loaders, augmentation) is not part of it."""
+    nets = [m for m in (model, teacher) if m is not None]
+    return code_fingerprint(step, teacher_targets, *nets, *(b for m in nets for b in builders(m)))
+
+
 def is_finished(checkpoint: Path, epochs: int, code: dict | None = None) -> bool:
     """Whether ``checkpoint`` exists and holds all ``epochs`` of its run (made by ``code``, a
     fingerprint, when one is given)."""
@@ -68,7 +78,7 @@ def is_finished(checkpoint: Path, epochs: int, code: dict | None = None) -> bool
         state = load_checkpoint(checkpoint) if checkpoint.is_file() else {}
     except (CheckpointError, OSError):
         return False
-    return state.get("epoch") == epochs and not (code and changed(state.get("code"), code))
+    return state.get("epoch") == epochs and not (code is not None and changed(state.get("code"), code))
 
 
 def same_training(recorded: list | None, history: list) -> bool:

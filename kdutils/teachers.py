@@ -14,7 +14,7 @@ from . import airbench, settings
 from . import data as D
 from .dist import world
 from .models import WeightsUnavailable, build
-from .train import Recipe, Run, Speed, fit, freeze, is_finished, run_paths
+from .train import Recipe, Run, Speed, ce_step, fit, freeze, is_finished, run_code, run_paths
 
 
 class TeacherMissing(FileNotFoundError):
@@ -41,7 +41,7 @@ def get_teacher(name: str, data, recipe: Recipe, *, profile: str = "full", devic
     if not train_if_missing:
         _, ckpt, _ = run_paths(model, data, recipe, chapter="teacher", method=name, params={},
                                profile=profile, teacher_key=None, ckpt_dir=ckpt_dir)
-        if not is_finished(ckpt, recipe.epochs):
+        if not is_finished(ckpt, recipe.epochs, run_code(model, ce_step)):
             raise TeacherMissing(
                 f"no finished {name} teacher for this recipe and data: looked for {ckpt}. "
                 "Run the chapter that trains it (chapter 2 for Part I) with the same "

@@ -16,11 +16,10 @@ from torch import nn
 
 from . import dist, settings
 from .data import FixedViews, ImageData, TensorLoader, loaders
-from .fingerprint import code_fingerprint
 from .loop import (Step, TeacherTargets, TrainingDiverged, ce_step,  # noqa: F401 (re-exported)
                    evaluate, evaluate_exits, freeze, precompute_teacher, train_epoch, with_teacher)
 from .results import OPTIONAL_RECIPE_FIELDS, make_record
-from .runs import (Run, RunFiles, check_writable, is_finished, run_key, run_paths,  # noqa: F401
+from .runs import (Run, RunFiles, check_writable, is_finished, run_code, run_key, run_paths,  # noqa: F401
                    same_training)
 from .speed import (Speed, choose_layout, choose_precision,  # noqa: F401 (re-exported)
                     cuda_native_bf16)
@@ -175,7 +174,7 @@ def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, meth
     files = RunFiles(*run_paths(model, data, recipe, chapter=chapter, method=method, params=params,
                                 profile=profile, teacher_key=teacher_key, ckpt_dir=ckpt_dir,
                                 results_dir=results_dir),
-                     code=code_fingerprint(step, teacher_targets, model))
+                     code=run_code(model, step, teacher_targets, teacher))
     for folder in (files.checkpoint.parent, files.record_path.parent) if w.main else ():
         check_writable(folder)
     setting = speed.resolve(model, dev, recipe.batch_size, data.train_x.shape[-1],

@@ -1,6 +1,7 @@
 """A run's code fingerprint: a changed loss trains again, a changed comment reloads."""
 import functools
 import importlib
+import linecache
 import sys
 import textwrap
 
@@ -15,16 +16,24 @@ from kdutils.train import Recipe, fit
 
 STEP = '''
 import torch.nn.functional as F
+from torch import nn
+
+SMOOTHING = {smoothing}
 
 
-def smoothing():
-    return {smoothing}
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3 * 32 * 32, 10)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1) / 255) * {scale}
 
 
 def step(model, x, y, t):
     """{doc}"""
     {comment}
-    return F.cross_entropy(model(x), y, label_smoothing=smoothing())
+    return F.cross_entropy(model(x), y, label_smoothing=SMOOTHING)
 '''
 
 
@@ -37,8 +46,10 @@ def module(tmp_path, monkeypatch):
     name = f"kd_fp_steps_{tmp_path.name}"
     path = tmp_path / f"{name}.py"
 
-    def write(smoothing=0.0, doc="The loss.", comment="# cross-entropy"):
-        path.write_text(textwrap.dedent(STEP.format(smoothing=smoothing, doc=doc, comment=comment)))
+    def write(smoothing=0.0, scale=1.0, doc="The loss.", comment="# cross-entropy"):
+        path.write_text(textwrap.dedent(STEP.format(smoothing=smoothing, scale=scale, doc=doc,
+                                                    comment=comment)))
+        linecache.clearcache()   # a rewrite of the same size within one clock tick looks unchanged
         importlib.invalidate_caches()
         sys.modules.pop(name, None)
         return importlib.import_module(name)
@@ -57,28 +68,31 @@ def tiny():
 
 def test_a_fingerprint_follows_the_code_a_step_calls_and_ignores_comments_and_docstrings(module, tmp_path):
     m = module()
-    fp = code_fingerprint(m.step, kd.models.build("lightnn", seed=0))
-    own = {f"{m.__name__}.step", f"{m.__name__}.smoothing"}
-    assert own <= fp.keys()                     # the helper the step calls, by name
-    assert "kdutils.models.LightNN" in fp       # the model's classes
+    fp = code_fingerprint(m.step, m.Net(), kd.models.build("lightnn", seed=0))
+    assert {f"{m.__name__}.step", f"{m.__name__}.SMOOTHING", f"{m.__name__}.Net"} <= fp.keys()
+    assert "kdutils.models.LightNN" in fp       # the classes of the models given
     assert not [n for n in fp if n.startswith(("torch", "torchvision"))]  # libraries: by version
-    base = code_fingerprint(m.step)             # (read now: the source is read from the file)
-    assert code_fingerprint(module(doc="Reworded.\n\n    At length.", comment="").step) == base
-    edited = code_fingerprint(module(smoothing=0.1).step)
-    assert changed(base, edited) == [f"{m.__name__}.smoothing"]
-    # partials and wrappers made with functools.wraps are the function they wrap
-    assert code_fingerprint(functools.partial(kd.methods.kd_step, T=2.0)) == \
-        code_fingerprint(kd.methods.kd_step)
-    assert code_fingerprint(functools.wraps(kd.methods.kd_step)(lambda *a: None)) == \
-        code_fingerprint(kd.methods.kd_step)
-    assert changed(None, edited) == []          # a checkpoint made before fingerprints existed
+    base = code_fingerprint(m.step, m.Net())    # (read now: the source is read from the file)
+    assert code_fingerprint((r := module(doc="Reworded.\n\n    At length.", comment="")).step,
+                            r.Net()) == base
+    assert changed(base, code_fingerprint((e := module(smoothing=0.1)).step, e.Net())) == \
+        [f"{m.__name__}.SMOOTHING"]              # a constant the loss names, by value
+    assert changed(base, code_fingerprint((e := module(scale=2.0)).step, e.Net())) == \
+        [f"{m.__name__}.Net"]                    # a method of the model's class
+    assert changed(None, base) == []            # a checkpoint made before fingerprints existed
+    # partials, library decorators and watching wrappers are the function they wrap;
+    # any other wrapper of the book's code is code of its own
+    kd_fp = code_fingerprint(kd.methods.kd_step)
+    assert code_fingerprint(functools.partial(kd.methods.kd_step, T=2.0)) == kd_fp
+    assert code_fingerprint(torch.no_grad()(kd.methods.kd_step)) == kd_fp
+    assert code_fingerprint(kd.fingerprint.watching(kd.methods.kd_step)(lambda *a: None)) == kd_fp
+    assert code_fingerprint(functools.wraps(kd.methods.kd_step)(lambda *a: None)) != kd_fp
     # a notebook's own step, calling the book's loss through the package
     namespace = {"kd": kd, "__name__": "__main__"}   # as in a notebook
-    exec(compile("def step(model, x, y, t):\n    return kd.losses.kd_loss(model(x), t, y)\n",
-                 str(tmp_path / "cell.py"), "exec"), namespace)
-    (tmp_path / "cell.py").write_text("def step(model, x, y, t):\n"
-                                      "    return kd.losses.kd_loss(model(x), t, y)\n")
-    assert "kdutils.losses.kd_loss" in code_fingerprint(namespace["step"])
+    cell = "def step(model, x, y, t):\n    return kd.losses.kd_loss(model(x), t, y)\n"
+    (tmp_path / "cell.py").write_text(cell)
+    exec(compile(cell, str(tmp_path / "cell.py"), "exec"), namespace)
+    assert {"__main__.step", "kdutils.losses.kd_loss"} <= code_fingerprint(namespace["step"]).keys()
 
 
 def test_a_run_whose_loss_changed_trains_again_and_one_whose_comments_changed_reloads(
@@ -90,17 +104,19 @@ def test_a_run_whose_loss_changed_trains_again_and_one_whose_comments_changed_re
         return fit(kd.models.build("lightnn", seed=0), tiny, Recipe(epochs=2, batch_size=32),
                    step=m.step, chapter="baseline", method="ce", **dirs)
     first = train(module())
-    assert first.resumed_from_epoch == 0 and first.record["code"] == code_fingerprint(
-        module().step, kd.models.build("lightnn", seed=0))
+    assert first.resumed_from_epoch == 0 and first.record["code"] == kd.runs.run_code(
+        kd.models.build("lightnn", seed=0), module().step)
     capsys.readouterr()
 
     reworded = train(module(doc="Cross-entropy with the labels.", comment="# reworded"))
     assert reworded.resumed_from_epoch == 2 and reworded.record == first.record
     assert "other code" not in capsys.readouterr().out
 
+    code = kd.runs.run_code(kd.models.build("lightnn", seed=0), module(smoothing=0.3).step)
+    assert kd.runs.is_finished(first.checkpoint, 2) and not kd.runs.is_finished(first.checkpoint, 2, code)
     smoothed = train(module(smoothing=0.3))
     out = capsys.readouterr().out
-    assert f"{module().__name__}.smoothing changed since" in out and "training again" in out
+    assert f"{module().__name__}.SMOOTHING changed since" in out and "training again" in out
     assert smoothed.resumed_from_epoch == 0 and smoothed.checkpoint == first.checkpoint
     assert smoothed.record["run_key"] == first.record["run_key"]   # same key, new training
     assert smoothed.record["code"] != first.record["code"]

@@ -125,7 +125,7 @@ def test_fp16_run_resumes_with_its_scaler_state(dirs, tmp_path):
     b = dict(ckpt_dir=str(tmp_path / "b"), results_dir=str(tmp_path / "rb"))
     with pytest.raises(_Interrupt):
         kd.train.fit(kd.models.build("lightnn", seed=1), data, recipe,
-                     step=lambda *a: step(*a, interrupt=True), **b, **kw)
+                     step=kd.fingerprint.watching(step)(lambda *a: step(*a, interrupt=True)), **b, **kw)
     calls["n"] = 100  # no more overflow: the resumed epoch must get its scale from the checkpoint
     resumed = kd.train.fit(kd.models.build("lightnn", seed=1), data, recipe, step=step, **b, **kw)
     assert resumed.resumed_from_epoch == 1

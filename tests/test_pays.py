@@ -1,5 +1,4 @@
 """The strong teacher (kdutils.airbench) and the regimes of chapter 6 (kdutils.regimes)."""
-import functools
 import json
 
 import pandas as pd
@@ -122,7 +121,7 @@ def test_strong_teacher_learns_resumes_bitwise_and_is_then_only_loaded(dirs, mon
     calls = {"n": 0}
     real = airbench.accuracy
 
-    @functools.wraps(real)   # the same evaluation: the run's code fingerprint is unchanged
+    @kd.fingerprint.watching(real)   # the same evaluation: the run's code fingerprint is unchanged
     def stop_after_first_epoch(*a, **k):
         calls["n"] += 1
         if calls["n"] == 2:
@@ -338,6 +337,7 @@ def test_run_with_fixed_views_resumes_on_the_same_views(dirs, tmp_path):
                          ckpt_dir=str(tmp_path / "a"), results_dir=str(tmp_path / "ra"), **kw)
     calls = {"n": 0}
 
+    @kd.fingerprint.watching(step)   # the same loss: the run's code fingerprint is unchanged
     def interrupting(*args):
         calls["n"] += 1
         if calls["n"] == 6:   # in the middle of epoch 2

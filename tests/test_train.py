@@ -1,5 +1,4 @@
 """The training loop: frozen teachers, resume, records, the teacher cache, and failures."""
-import functools
 import json
 import pathlib
 import pickle
@@ -83,7 +82,7 @@ class Interrupt(Exception):
 def _interrupting(step, at_call):
     calls = {"n": 0}
 
-    @functools.wraps(step)   # the same loss: the run's code fingerprint is unchanged
+    @kd.fingerprint.watching(step)   # the same loss: the run's code fingerprint is unchanged
     def wrapped(*args):
         calls["n"] += 1
         if calls["n"] == at_call:
