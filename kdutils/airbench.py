@@ -227,13 +227,18 @@ def predict_tta(net: nn.Module, x: torch.Tensor, level: int = 2) -> torch.Tensor
 
 @torch.no_grad()
 def accuracy(net: nn.Module, data: ImageData, device, *, tta_level: int = 0,
-             batch_size: int = 1000, channels_last: bool = False) -> float:
-    """Test accuracy in percent, with test-time augmentation ``tta_level``."""
+             batch_size: int = 1000, channels_last: bool = False,
+             amp: torch.dtype | None = None) -> float:
+    """Test accuracy in percent, with test-time augmentation ``tta_level``, under autocast to
+    ``amp`` when given (the precision the network trained in)."""
     was = net.training
     net.eval()
     loader = TensorLoader(data.test_x, data.test_y, batch_size, shuffle=False, mean=data.mean,
                           std=data.std, device=device, channels_last=channels_last)
-    correct = sum((predict_tta(net, x, tta_level).argmax(1) == y).sum().item() for x, y, _ in loader)
+    device_type = torch.device(device).type
+    with torch.autocast(device_type, amp or torch.float32, enabled=amp is not None):
+        correct = sum((predict_tta(net, x, tta_level).argmax(1) == y).sum().item()
+                      for x, y, _ in loader)
     net.train(was)
     return 100.0 * correct / len(data.test_y)
 
@@ -302,7 +307,7 @@ def train_airbench(data: ImageData, recipe: AirbenchRecipe = AirbenchRecipe(), *
                                                scaler, amp, step, total, average, decay, bar)
             if not math.isfinite(train_loss):
                 raise TrainingDiverged(f"loss became {train_loss} in epoch {epoch + 1}")
-            acc = accuracy(net, data, dev, channels_last=cl)
+            acc = accuracy(net, data, dev, channels_last=cl, amp=amp)
             history.append({"epoch": epoch + 1, "train_loss": train_loss, "test_acc": acc,
                             "lr": opt.param_groups[1]["lr"], "steps": step,
                             "seconds": time.perf_counter() - t_epoch})
@@ -369,10 +374,11 @@ def _airbench_epoch(net, batches, loss_fn, opt, sched, scaler, amp, step: int, t
 def _airbench_record(net, data, recipe, profile, dev, history, key, setup_s, steps, setting) -> dict:
     """The teacher's record: accuracy with test-time augmentation (measured here) and without."""
     t_eval = time.perf_counter()
-    tta = accuracy(net, data, dev, tta_level=recipe.tta_level, channels_last=setting["channels_last"])
+    amp = setting["amp"]
+    tta = accuracy(net, data, dev, tta_level=recipe.tta_level, channels_last=setting["channels_last"],
+                   amp=amp)
     eval_s = time.perf_counter() - t_eval
     train_s = sum(h["seconds"] for h in history)
-    amp = setting["amp"]
     record = make_record(chapter="teacher", method="airbench", profile=profile, device=dev,
                          data=data, recipe=recipe, params={}, history=history, model=net,
                          key=key, teacher_key=None, wall_time_s=setup_s + train_s + eval_s,

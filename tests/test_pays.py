@@ -110,6 +110,27 @@ def test_test_time_augmentation_averages_mirror_and_shifted_views():
         assert torch.allclose(airbench.predict_tta(net, x, 2), 0.5 * mirror + 0.5 * shifted, atol=1e-6)
 
 
+
+def test_teacher_is_evaluated_in_the_precision_it_trained_in():
+    class Probe(torch.nn.Module):
+        """Predicts class 0 from channel 0 and notes the autocast state of every forward."""
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def forward(self, x):
+            self.seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+            return F.one_hot(torch.zeros(len(x), dtype=torch.long), 10).float() + 0 * x[:, :1, 0, 0]
+
+    data = _tiny(10, 40)
+    for amp, tta, expected in ((None, 0, None), (torch.bfloat16, 0, torch.bfloat16),
+                               (torch.bfloat16, 2, torch.bfloat16)):
+        net = Probe()
+        acc = airbench.accuracy(net, data, "cpu", tta_level=tta, batch_size=16, amp=amp)
+        assert acc == 100.0 * (data.test_y == 0).sum().item() / 40   # 4 of the 40 test images
+        assert net.seen == [expected] * (3 if tta == 0 else 18)     # 3 batches, 6 views each at level 2
+
+
 def test_strong_teacher_learns_resumes_bitwise_and_is_then_only_loaded(dirs, monkeypatch):
     data = _tiny(160, 40)
     r = airbench.AirbenchRecipe(epochs=3, batch_size=32, seed=1)

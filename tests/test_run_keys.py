@@ -12,14 +12,18 @@ import kdutils as kd
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
-def _committed(chapter: str, method: str | None = None, profile: str | None = None) -> set[str]:
+def _committed(chapter: str, method: str | None = None, profile: str | None = None,
+               epochs: float | None = None) -> set[str]:
     records = [json.loads(p.read_text()) for p in sorted((RESULTS / chapter).glob("*.json"))]
     return {r["run_key"] for r in records
-            if (method is None or r["method"] == method) and (profile is None or r["profile"] == profile)}
+            if (method is None or r["method"] == method) and (profile is None or r["profile"] == profile)
+            and (epochs is None or r["epochs"] == epochs)}
 
 
 def _teacher_key(method: str, profile: str) -> str:
-    (key,) = _committed("teacher", method, profile)
+    # the chapters' airbench teacher is the 9.9-epoch recipe; longer schedules are the appendix's
+    epochs = kd.airbench.AirbenchRecipe().epochs if method == "airbench" else None
+    (key,) = _committed("teacher", method, profile, epochs)
     return key
 
 
