@@ -152,11 +152,15 @@ def test_channels_last_reaches_the_weights_and_the_batches(dirs):
 
 @pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
                     reason="torch.compile's CPU backend needs a C compiler (gcc), not found here")
-def test_compiled_student_trains_through_the_compiled_graph(dirs):
+def test_compiled_student_trains_through_the_compiled_graph(dirs, tmp_path, monkeypatch):
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
     from torch._inductor import config
     counters.clear()
+    # A compile cache of its own: inductor's cache keys leave out ATEN_CPU_CAPABILITY, so a graph
+    # compiled by a run of the suite with the CPU's own capability (AVX512) would be reused by
+    # a run with a forced lower one (avx2) and read out of bounds.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     # With ATEN_CPU_CAPABILITY=default (ATen's scalar kernels forced, a check this suite is run
     # with) inductor still writes vector code for the CPU it sees, against headers built
     # without it, and g++ fails; scalar generated code (simdlen 1) keeps the compiled path.
