@@ -19,7 +19,6 @@ The book's own implementation of the recipe published by Keller Jordan in
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import nullcontext
@@ -35,6 +34,7 @@ from .checkpoint import CheckpointError, atomic_save, load_checkpoint, load_stat
 from .fingerprint import code_fingerprint, is_stale
 from .data import ImageData, TensorLoader, normalize, random_crop_flip
 from .results import make_record, write_record
+from .runs import existing_record
 from .dist import world
 from .speed import Speed
 from .train import Run, TrainingDiverged, freeze, is_finished, pick_device, run_key
@@ -319,8 +319,9 @@ def train_airbench(data: ImageData, recipe: AirbenchRecipe = AirbenchRecipe(), *
     finally:
         if bar is not None:
             bar.close()
-    if start == epochs and record_path.is_file():
-        return Run(net.eval(), json.loads(record_path.read_text()), ckpt, record_path, start)
+    kept = existing_record(record_path, ckpt, history) if start == epochs else None
+    if kept is not None:
+        return Run(net.eval(), kept, ckpt, record_path, start)
     record = _airbench_record(net, data, recipe, profile, dev, history, key, setup_s, step, setting)
     record["code"] = code
     write_record(record, record_path)

@@ -92,6 +92,20 @@ def same_training(recorded: list | None, history: list) -> bool:
                for a, b in zip(recorded, history))
 
 
+def existing_record(record_path: Path, checkpoint: Path, history: list) -> dict | None:
+    """The record of the finished run whose checkpoint holds ``history``, if it was written.
+    A record of this key left by another training (another machine, an earlier try) does
+    not describe these weights: None, with a line saying it will be rewritten."""
+    if not record_path.is_file():
+        return None
+    record = json.loads(record_path.read_text())
+    if same_training(record.get("history"), history):
+        return record
+    print(f"{record_path.name} described another training of this run (its epochs "
+          f"differ from the checkpoint's); rewritten from {checkpoint.name}")
+    return None
+
+
 def check_writable(folder: Path) -> None:
     """Create ``folder`` and write a file in it, or say which folder and how to choose another."""
     try:
@@ -157,17 +171,8 @@ class RunFiles:
         load_state_dict_strict(model, state["model"], str(self.best))
 
     def existing_record(self, history: list) -> dict | None:
-        """The record of the finished run whose checkpoint holds ``history``, if it was written.
-        A record of this key left by another training (another machine, an earlier try) does
-        not describe these weights: None, with a line saying it will be rewritten."""
-        if not self.record_path.is_file():
-            return None
-        record = json.loads(self.record_path.read_text())
-        if same_training(record.get("history"), history):
-            return record
-        print(f"{self.record_path.name} described another training of this run (its epochs "
-              f"differ from the checkpoint's); rewritten from {self.checkpoint.name}")
-        return None
+        """:func:`existing_record` of this run's record and checkpoint."""
+        return existing_record(self.record_path, self.checkpoint, history)
 
     def write_record(self, record: dict) -> Path:
         return write_record(record, self.record_path)

@@ -131,7 +131,7 @@ def test_teacher_is_evaluated_in_the_precision_it_trained_in():
         assert net.seen == [expected] * (3 if tta == 0 else 18)     # 3 batches, 6 views each at level 2
 
 
-def test_strong_teacher_learns_resumes_bitwise_and_is_then_only_loaded(dirs, monkeypatch):
+def test_strong_teacher_learns_resumes_bitwise_and_is_then_only_loaded(dirs, monkeypatch, capsys):
     data = _tiny(160, 40)
     r = airbench.AirbenchRecipe(epochs=3, batch_size=32, seed=1)
     whole = airbench.train_airbench(data, r, profile="t", **dirs)
@@ -160,6 +160,16 @@ def test_strong_teacher_learns_resumes_bitwise_and_is_then_only_loaded(dirs, mon
     assert again.resumed_from_epoch == 3
     assert again.record == json.loads(json.dumps(whole.record))  # the record as written
     assert not any(p.requires_grad for p in again.model.parameters())
+    # a record of this teacher left by another training (here the resumed one's: its seconds
+    # differ) does not describe these weights: it is rewritten from the checkpoint
+    foreign = json.loads(resumed.record_path.read_text())
+    assert [h["seconds"] for h in foreign["history"]] != [h["seconds"] for h in whole.record["history"]]
+    again.record_path.write_text(json.dumps(foreign))
+    capsys.readouterr()
+    reloaded = airbench.get_strong_teacher(data, r, profile="t", **dirs)
+    assert "described another training" in capsys.readouterr().out
+    assert reloaded.record["history"] == json.loads(json.dumps(whole.record))["history"]
+    assert json.loads(again.record_path.read_text())["history"] == reloaded.record["history"]
 
 
 def test_too_few_images_for_one_batch_is_refused(dirs):
