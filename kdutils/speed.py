@@ -115,12 +115,14 @@ def pick_fastest(rates: dict[str, float]) -> str:
 
 
 def step_rate(model: nn.Module, batch_size: int, image_size: int, dtype: torch.dtype | None,
-              channels_last: bool, steps: int = 3, warmup: int = 1,
+              channels_last: bool, steps: int = 1, warmup: int = 1,
               min_seconds: float = 0.5) -> float:
     """Training images per second of at least ``steps`` SGD steps (after ``warmup``) on random
     images, for a copy of ``model`` on the CPU in the given precision and layout; steps are
     added until the timing lasts ``min_seconds`` (a few milliseconds of a small network
-    measure the machine's noise, not the setting). The model itself is not touched."""
+    measure the machine's noise, not the setting). A step that alone lasts longer is timed
+    once: repeating a step of seconds would multiply the cost of choosing, not its precision.
+    The model itself is not touched."""
     m = copy.deepcopy(model).cpu().train()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     m = m.to(memory_format=fmt)
@@ -158,7 +160,7 @@ def machine_id() -> str:
 def choose_cpu_setting(model: nn.Module, batch_size: int, image_size: int = 32, *,
                        amp: str = "auto", channels_last: bool | None = None,
                        flags: set[str] | None = None, cache: str | Path | None = None,
-                       steps: int = 3) -> dict:
+                       steps: int = 1) -> dict:
     """The fastest admissible CPU setting for training ``model`` at ``batch_size``.
 
     Returns ``{"amp": dtype or None, "channels_last": bool, "choice": dict}``; ``choice`` (for
