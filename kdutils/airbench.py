@@ -36,7 +36,7 @@ from .data import ImageData, TensorLoader, normalize, random_crop_flip
 from .results import make_record, write_record
 from .runs import existing_record
 from .dist import world
-from .speed import Speed
+from .speed import Speed, speed_record
 from .train import Run, TrainingDiverged, freeze, is_finished, pick_device, run_key
 
 
@@ -375,9 +375,8 @@ def _airbench_epoch(net, batches, loss_fn, opt, sched, scaler, amp, step: int, t
 def _airbench_record(net, data, recipe, profile, dev, history, key, setup_s, steps, setting) -> dict:
     """The teacher's record: accuracy with test-time augmentation (measured here) and without."""
     t_eval = time.perf_counter()
-    amp = setting["amp"]
     tta = accuracy(net, data, dev, tta_level=recipe.tta_level, channels_last=setting["channels_last"],
-                   amp=amp)
+                   amp=setting["amp"])
     eval_s = time.perf_counter() - t_eval
     train_s = sum(h["seconds"] for h in history)
     record = make_record(chapter="teacher", method="airbench", profile=profile, device=dev,
@@ -386,9 +385,7 @@ def _airbench_record(net, data, recipe, profile, dev, history, key, setup_s, ste
                          extra={"test_acc_plain": history[-1]["test_acc"],
                                 "tta_eval_s": round(eval_s, 2), "setup_s": round(setup_s, 2),
                                 "steps": steps,
-                                "speed": {"channels_last": setting["channels_last"],
-                                          "amp": str(amp).replace("torch.", "") if amp else "off",
-                                          **({"choice": setting["choice"]} if setting["choice"] else {})}})
+                                "speed": speed_record(setting)})
     record["test_acc"] = tta
     return record
 

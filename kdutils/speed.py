@@ -92,6 +92,26 @@ def setting_name(dtype: torch.dtype | None, channels_last: bool) -> str:
     return f"{precision} {'channels_last' if channels_last else 'NCHW'}"
 
 
+def speed_record(setting: dict, **more) -> dict:
+    """What a run record keeps of the ``setting`` it ran in (:meth:`Speed.resolve`): the
+    layout, the precision (``"off"``, ``"bfloat16"``, ``"float16"``), ``more`` and, where it
+    was chosen by measuring, the choice."""
+    amp = setting["amp"]
+    out = {"channels_last": setting["channels_last"],
+           "amp": str(amp).replace("torch.", "") if amp else "off", **more}
+    if setting["choice"]:
+        out["choice"] = setting["choice"]
+    return out
+
+
+def recorded_setting(speed: dict | None) -> str:
+    """The name (:func:`setting_name`) of a run record's ``speed`` entry; fp32 NCHW when the
+    record has none (records made before it was kept)."""
+    speed = speed if isinstance(speed, dict) else {}
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(speed.get("amp"))
+    return setting_name(dtype, bool(speed.get("channels_last")))
+
+
 def cpu_candidates(amp: str, channels_last: bool | None, native_bf16: bool,
                    arch: str = "") -> list[tuple[torch.dtype | None, bool]]:
     """The CPU settings worth timing: fp32 and, with native bf16, bf16 (unless ``amp`` fixes

@@ -22,7 +22,7 @@ from .results import OPTIONAL_RECIPE_FIELDS, make_record
 from .runs import (Run, RunFiles, check_writable, is_finished, run_code, run_key, run_paths,  # noqa: F401
                    same_training)
 from .speed import (Speed, choose_layout, choose_precision,  # noqa: F401 (re-exported)
-                    cuda_native_bf16)
+                    cuda_native_bf16, speed_record)
 
 
 @dataclass(frozen=True)
@@ -343,13 +343,7 @@ def _finish(files: RunFiles, model, data, recipe, history, start, extra_s, dev, 
             w, select, **identity) -> Run:
     """The run's record (written by rank 0) with the selected weights loaded; a finished run
     that was only reloaded keeps the record that says how it was made."""
-    amp = setting["amp"]
-    extra = {"speed": {"channels_last": setting["channels_last"],
-                       "amp": str(amp).replace("torch.", "") if amp else "off",
-                       "compile": speed.compile}}
-    if setting["choice"] is not None:
-        extra["speed"]["choice"] = setting["choice"]
-    extra["code"] = files.code
+    extra = {"speed": speed_record(setting, compile=speed.compile), "code": files.code}
     if w.distributed:
         extra["processes"] = w.size
     if "exit_acc" in history[-1]:

@@ -110,7 +110,6 @@ def test_test_time_augmentation_averages_mirror_and_shifted_views():
         assert torch.allclose(airbench.predict_tta(net, x, 2), 0.5 * mirror + 0.5 * shifted, atol=1e-6)
 
 
-
 def test_teacher_is_evaluated_in_the_precision_it_trained_in():
     class Probe(torch.nn.Module):
         """Predicts class 0 from channel 0 and notes the autocast state of every forward."""

@@ -1,6 +1,7 @@
 """The CPU speed chooser (kdutils.speed): what it may pick, how it picks, what it records.
 Timings are replaced by fixed rates wherever a decision is checked, so no test depends on
 the CPU it runs on."""
+import json
 import math
 
 import pytest
@@ -128,3 +129,17 @@ def test_fit_on_the_cpu_uses_and_records_the_measured_choice(dirs, monkeypatch):
                          chapter="t", method="ce", **dirs)
     assert len(calls) == n and "choice" not in plain.record["speed"]
     assert plain.record["speed"]["channels_last"] is False and plain.record["speed"]["amp"] == "off"
+
+
+def test_a_records_speed_entry_names_the_setting_it_ran_in():
+    choice = {"setting": "bf16 channels_last", "by": "measured", "rates": {}, "seconds": 1.0}
+    for dtype, cl, name in ((None, False, "fp32 NCHW"), (torch.bfloat16, True, "bf16 channels_last"),
+                            (torch.float16, False, "fp16 NCHW")):
+        entry = sp.speed_record({"amp": dtype, "channels_last": cl, "choice": None}, compile=False)
+        assert entry == {"channels_last": cl, "amp": {None: "off", torch.bfloat16: "bfloat16",
+                                                      torch.float16: "float16"}[dtype], "compile": False}
+        assert sp.recorded_setting(json.loads(json.dumps(entry))) == name
+    measured = sp.speed_record({"amp": torch.bfloat16, "channels_last": True, "choice": choice})
+    assert measured["choice"] == choice and "compile" not in measured
+    assert sp.recorded_setting(None) == "fp32 NCHW"   # records made before the entry existed
+
