@@ -105,7 +105,8 @@ def test_multi_exit_run_records_every_exit(dirs):
     assert len(run.record["exit_acc"]) == 4
     assert run.record["test_acc"] == run.record["exit_acc"][-1]
     assert 0 <= run.record["ensemble_acc"] <= 100
-    assert run.record["speed"] == {"channels_last": False, "amp": "off", "compile": False}  # CPU defaults
+    assert run.record["speed"] == {"channels_last": False, "amp": "off", "compile": False,   # CPU defaults
+                                   "keep_memory": kd.speed.freed_memory_kept()}
 
 
 # ---- held-out selection ---------------------------------------------------------------------

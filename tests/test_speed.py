@@ -3,6 +3,11 @@ Timings are replaced by fixed rates wherever a decision is checked, so no test d
 the CPU it runs on."""
 import json
 import math
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,9 +142,50 @@ def test_a_records_speed_entry_names_the_setting_it_ran_in():
                             (torch.float16, False, "fp16 NCHW")):
         entry = sp.speed_record({"amp": dtype, "channels_last": cl, "choice": None}, compile=False)
         assert entry == {"channels_last": cl, "amp": {None: "off", torch.bfloat16: "bfloat16",
-                                                      torch.float16: "float16"}[dtype], "compile": False}
+                                                      torch.float16: "float16"}[dtype],
+                         "keep_memory": False, "compile": False}
         assert sp.recorded_setting(json.loads(json.dumps(entry))) == name
     measured = sp.speed_record({"amp": torch.bfloat16, "channels_last": True, "choice": choice})
     assert measured["choice"] == choice and "compile" not in measured
     assert sp.recorded_setting(None) == "fp32 NCHW"   # records made before the entry existed
 
+
+
+_PROBE = """
+import resource, sys, torch
+from kdutils import speed
+if sys.argv[1] == "keep":
+    assert speed.keep_freed_memory() and speed.keep_freed_memory()   # once, then a no-op
+def faults(reps):   # page faults per re-allocation of a freed 48 MB block
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(reps):
+        t = torch.empty(48 * 2**20, dtype=torch.uint8); t.fill_(1); del t
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / (48 * 2**20 / resource.getpagesize())
+faults(20)
+print(faults(10), speed.machine_id().endswith("freed memory kept"))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="freed memory is kept through glibc's malloc only")
+def test_kept_freed_memory_is_reused_instead_of_faulted_in_again():
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def probe(mode):   # a fresh process each: the setting is process-wide
+        out = subprocess.run([sys.executable, "-c", _PROBE, mode], env=env, capture_output=True,
+                             text=True, check=True).stdout.split()
+        return float(out[0]), out[1] == "True"
+    returned, kept = probe("return"), probe("keep")
+    assert returned[0] >= 9 and not returned[1]   # by default every re-allocation faults its pages in
+    assert kept[0] < 1 and kept[1]                # kept: the same pages serve every step
+
+
+def test_speed_keeps_freed_memory_on_a_cpu_unless_told_not_to(monkeypatch):
+    calls = []
+    monkeypatch.setattr(sp, "keep_freed_memory", lambda: calls.append(1) or True)
+    net = kd.models.build("lightnn", seed=0)
+    assert Speed().resolve(net, torch.device("cpu"), 16)["keep_memory"] is True and len(calls) == 1
+    assert Speed(keep_memory=False).resolve(net, torch.device("cpu"), 16)["keep_memory"] is False
+    gpu = Speed(amp="off").resolve(net, torch.device("cuda"), 16)   # decided without a GPU present
+    assert gpu["keep_memory"] is False and gpu["channels_last"] is True and len(calls) == 1
+    assert sp.speed_record(gpu)["keep_memory"] is False
