@@ -16,11 +16,14 @@ forward and backward, optimiser) in two styles:
   :func:`kdutils.loop.with_teacher` (its outputs precomputed when nothing is augmented, as
   the chapters do).
 
-The reference runs first, in the process's default memory handling. On a CPU, kdutils is
-then timed twice: before and after :class:`~kdutils.speed.Speed` keeps the memory a step
-frees (:func:`kdutils.speed.keep_freed_memory`; "kdutils img/s, memory returned" is the
-first). It prints images/s of the step (median over repeats, warm-up excluded), the ratio, the
-setting the loop picked, the data pipeline alone, and peak memory. Where the setup uses R1's
+On a CPU both are timed twice. First each setup's reference beside kdutils with the
+process's default memory handling (as R5's code runs: "kdutils img/s, memory returned"), then
+both again once the process keeps the memory a step frees
+(:func:`kdutils.speed.keep_freed_memory`, which :class:`~kdutils.speed.Speed` does for every
+CPU run: "reference img/s, memory kept" and "kdutils img/s"). "speed-up" is the book's loop
+as it runs against the reference as it runs; "speed-up, memory kept in both" is like for like.
+It prints images/s of the step (median over repeats, warm-up excluded), the ratios, the
+setting the loop picked, the data pipeline alone, and the process's peak memory so far. Where the setup uses R1's
 AutoAugment, the data pipeline is also timed with torchvision's AutoAugment applied image by
 image (what kdutils did before :mod:`kdutils.autoaugment`), and the ratio of the two. ``--out`` defaults to
 ``results/bench/<device kind>.json`` (``cpu-avx2``, ``cpu-avx512``, ``cuda-<gpu>``): one file per
@@ -47,7 +50,7 @@ from .loop import train_epoch, with_teacher
 from .losses import total
 from .models import build
 from .results import device_name
-from .speed import freed_memory_kept, setting_name
+from .speed import freed_memory_kept, keep_freed_memory, setting_name
 from .train import Recipe, Speed, make_optimizer, pick_device, precompute_teacher
 
 
@@ -145,8 +148,9 @@ def _images(images, labels, batch_size, warmup, steps, repeats):
 
 
 def bench_reference(name: str, images, labels, *, device, batch_size, warmup, steps, repeats,
-                    workers) -> dict:
-    """The reference style's row for setup ``name``: step and data images/s."""
+                    workers, step_only: bool = False) -> dict:
+    """The reference style's row for setup ``name``: step and (unless ``step_only``) data
+    images/s."""
     setup = SETUPS[name]
     x, y = _images(images, labels, batch_size, warmup, steps, repeats)
     mean, std = D.CIFAR10_MEAN, D.CIFAR10_STD
@@ -174,15 +178,17 @@ def bench_reference(name: str, images, labels, *, device, batch_size, warmup, st
 
     row["reference img/s"] = time_batches(lambda b: [ref_step(batch) for batch in b], loader, device,
                                           warmup, steps, repeats, batch_size)
-    row["reference data img/s"] = time_batches(lambda b: sum(1 for _ in b), loader, device, 1,
-                                               steps, repeats, batch_size)
+    if not step_only:
+        row["reference data img/s"] = time_batches(lambda b: sum(1 for _ in b), loader, device, 1,
+                                                   steps, repeats, batch_size)
     return row
 
 
 def bench_kdutils(name: str, images, labels, *, device, batch_size, warmup, steps, repeats, amp,
-                  keep_memory: bool = True) -> dict:
+                  keep_memory: bool = True, step_only: bool = False) -> dict:
     """kdutils' columns for setup ``name``: the setting :class:`~kdutils.speed.Speed` picks
-    (with ``keep_memory``), step and data images/s, peak memory."""
+    (with ``keep_memory``), step images/s and, unless ``step_only``, data images/s and the
+    process's peak memory so far."""
     setup = SETUPS[name]
     x, y = _images(images, labels, batch_size, warmup, steps, repeats)
     row = {}
@@ -215,6 +221,8 @@ def bench_kdutils(name: str, images, labels, *, device, batch_size, warmup, step
     row["kdutils img/s"] = time_batches(
         train, lambda: with_teacher(tl, teacher, methods.kd_targets, table, amp_dtype),
         device, warmup, steps, repeats, batch_size)
+    if step_only:
+        return row
     row["kdutils data img/s"] = time_batches(lambda b: sum(1 for _ in b), lambda: tl, device, 1,
                                              steps, repeats, batch_size)
     if setup.r1_augment:  # the same data path with torchvision's AutoAugment image by image
@@ -270,27 +278,43 @@ def main(argv=None):
     import pandas as pd
     sizes = dict(device=device, batch_size=args.batch_size, warmup=args.warmup, steps=steps,
                  repeats=args.repeats)
-    # the reference first, in the process's default memory handling (as R5's code runs); then,
-    # on a CPU, kdutils before and after it keeps freed memory (which cannot be undone)
-    kept_before = freed_memory_kept()
-    rows = [bench_reference(name, images, labels, workers=args.workers, **sizes)
-            for name in args.setups]
-    if device.type == "cpu" and not kept_before:
-        for row in rows:
-            row["kdutils img/s, memory returned"] = bench_kdutils(
-                row["setup"], images, labels, amp=not args.no_amp, keep_memory=False,
-                **sizes)["kdutils img/s"]
+    run = dict(images=images, labels=labels, **sizes)
+    # first in the process's default memory handling (as R5's code runs), each setup's
+    # reference beside kdutils with memory returned; then, on a CPU, both with freed memory
+    # kept (which a process cannot undo)
+    compare = device.type == "cpu" and not freed_memory_kept()
+    rows = []
+    for name in args.setups:
+        row = bench_reference(name, workers=args.workers, **run)
+        line = f"{name}: reference {row['reference img/s']:.0f} img/s"
+        if compare:
+            returned = bench_kdutils(name, amp=not args.no_amp, keep_memory=False, step_only=True,
+                                     **run)
+            row["kdutils setting, memory returned"] = returned["kdutils setting"]
+            row["kdutils img/s, memory returned"] = returned["kdutils img/s"]
+            line += f", kdutils {returned['kdutils img/s']:.0f} img/s (memory returned)"
+        rows.append(row)
+        print(line, flush=True)
     for row in rows:
-        row.update(bench_kdutils(row["setup"], images, labels, amp=not args.no_amp, **sizes))
+        if compare:
+            keep_freed_memory()
+            row["reference img/s, memory kept"] = bench_reference(
+                row["setup"], workers=args.workers, step_only=True, **run)["reference img/s"]
+        row.update(bench_kdutils(row["setup"], amp=not args.no_amp, **run))
         row["speed-up"] = row["kdutils img/s"] / row["reference img/s"]
-        print(f"{row['setup']}: reference {row['reference img/s']:.0f} img/s, kdutils "
-              f"{row['kdutils img/s']:.0f} img/s ({row['speed-up']:.2f}x) in "
-              f"{row['kdutils setting']}", flush=True)
+        line = (f"{row['setup']}: kdutils {row['kdutils img/s']:.0f} img/s in "
+                f"{row['kdutils setting']}, {row['speed-up']:.2f}x the reference")
+        if compare:
+            both = row["speed-up, memory kept in both"] = (row["kdutils img/s"]
+                                                           / row["reference img/s, memory kept"])
+            line += f", {both:.2f}x with memory kept in both"
+        print(line, flush=True)
     table = pd.DataFrame(rows)
     context = (f"device: {device_name(device)} | data: {source} | batch {args.batch_size} | "
                f"{steps} steps (or 1 s) x {args.repeats} repeats after {args.warmup} warm-up | "
                f"{args.workers} DataLoader workers | torch {torch.__version__}"
-               + (" | freed memory already kept when the reference ran" if kept_before else ""))
+               + (" | freed memory already kept when the reference ran"
+                  if device.type == "cpu" and not compare else ""))
     print("\n" + context)
     print(table.round(2).to_string(index=False))
     out = args.out or (settings.results_dir() / "bench" / f"{device_kind(device)}.json")

@@ -186,23 +186,25 @@ def keep_freed_memory(mmap_threshold: int = 256 * 2**20) -> bool:
     to the operating system and faulting it in again. Process-wide, once; True where it
     applies (glibc, the C library of most Linux systems), False elsewhere, which is left as is.
 
-    glibc gives every block above a threshold (128 kB, raised to at most 32 MB as it goes)
-    its own ``mmap`` and unmaps it on ``free``, and hands the top of its heap back once it
-    exceeds twice that. A CPU training step frees and allocates the same activation-sized
-    blocks every step, so every step pays the kernel for zeroed pages again. Serving blocks
-    up to ``mmap_threshold`` from the heap and never trimming it keeps them; the process's
-    resident memory then stays near its peak. It is what ``LD_PRELOAD``-ing jemalloc or
-    tcmalloc does for PyTorch on CPUs, without a library to install. Nothing numerical
-    changes: every kernel writes the memory it is given before reading it.
+    glibc gives a block above a threshold (128 kB at first, raised to at most 32 MB as blocks
+    are freed) a mapping of its own and unmaps it on ``free``, and it hands the top of its
+    heap back to the kernel once that exceeds twice the threshold. A CPU training step frees
+    and allocates the same activation sizes every step, so the blocks above 32 MB, and what
+    the heap gave back, come back each step as freshly zeroed pages. Serving blocks up to
+    ``mmap_threshold`` from the heap and never trimming it keeps them (glibc before 2.35
+    accepts at most 32 MB, and gets that); resident memory then stays near its peak. Nothing
+    numerical changes: every kernel writes the memory it is given before reading it.
     """
     global _freed_memory_kept
     if _freed_memory_kept:
         return True
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
-    libc = ctypes.CDLL("libc.so.6")
-    _freed_memory_kept = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
-                              and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    libc = ctypes.CDLL(None)
+    trimmed_never = libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    own_mappings = (libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+                    or libc.mallopt(_M_MMAP_THRESHOLD, 4 * 2**20 * ctypes.sizeof(ctypes.c_long)))
+    _freed_memory_kept = bool(trimmed_never and own_mappings)
     return _freed_memory_kept
 
 
@@ -308,10 +310,12 @@ class Speed:
         """The precision and layout a run uses: ``{"amp", "channels_last", "choice"}``. On a
         CPU with ``self.measure`` (and ``measure``: False for a run that is only reloaded) and
         anything left to ``auto``/``None``, chosen by :func:`choose_cpu_setting`; otherwise by
-        the rules above (``choice`` is None). ``keep_memory`` says whether freed memory is kept
-        (first kept here, on a CPU, before any timing)."""
+        the rules above (``choice`` is None). ``keep_memory``: whether this process keeps
+        freed memory (on a CPU :func:`keep_freed_memory` is called here, before any timing,
+        unless ``self.keep_memory`` is False)."""
         self.precision(device)  # refuses an unknown amp early, on any device
-        kept = device.type == "cpu" and self.keep_memory and keep_freed_memory()
+        kept = device.type == "cpu" and (keep_freed_memory() if self.keep_memory
+                                          else freed_memory_kept())
         if (device.type == "cpu" and self.measure and measure
                 and (self.amp == "auto" or self.channels_last is None)):
             return {**choose_cpu_setting(model, batch_size, image_size, amp=self.amp,

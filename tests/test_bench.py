@@ -16,8 +16,11 @@ def test_bench_runs_every_setup_and_reports_both_styles(capsys, tmp_path, monkey
     assert saved["command"].startswith("python -m kdutils.bench --synthetic") and "cpu" in saved["device"]
     assert list(table["setup"]) == list(bench.SETUPS)
     for col in ("reference img/s", "kdutils img/s", "reference data img/s", "kdutils data img/s",
-                "kdutils img/s, memory returned"):
+                "kdutils img/s, memory returned", "reference img/s, memory kept"):
         assert (table[col] > 0).all(), col
+    both = table["kdutils img/s"] / table["reference img/s, memory kept"]
+    assert ((table["speed-up, memory kept in both"] - both).abs() < 1e-9).all()
+    assert table["kdutils setting, memory returned"].notna().all()
     assert ((table["speed-up"] - table["kdutils img/s"] / table["reference img/s"]).abs() < 1e-9).all()
     assert "speed-up" in capsys.readouterr().out
     # the kdutils side runs in the setting the loop would pick on this CPU, and says which
@@ -34,6 +37,7 @@ def test_bench_runs_every_setup_and_reports_both_styles(capsys, tmp_path, monkey
     saved = json.loads(out.read_text())
     assert saved["context"].endswith("freed memory already kept when the reference ran")
     assert "kdutils img/s, memory returned" not in saved["rows"][0]
+    assert "reference img/s, memory kept" not in saved["rows"][0]
 
 
 def test_bench_names_its_file_by_the_kind_of_machine():
