@@ -295,9 +295,10 @@ def main(argv=None):
             line += f", kdutils {returned['kdutils img/s']:.0f} img/s (memory returned)"
         rows.append(row)
         print(line, flush=True)
+    if compare:
+        keep_freed_memory()
     for row in rows:
         if compare:
-            keep_freed_memory()
             row["reference img/s, memory kept"] = bench_reference(
                 row["setup"], workers=args.workers, step_only=True, **run)["reference img/s"]
         row.update(bench_kdutils(row["setup"], amp=not args.no_amp, **run))

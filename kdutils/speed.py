@@ -181,6 +181,12 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3     # glibc's mallopt parameters
 _freed_memory_kept = False
 
 
+def has_glibc() -> bool:
+    """Whether this process runs on Linux with glibc, whose allocator :func:`keep_freed_memory`
+    tunes."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def keep_freed_memory(mmap_threshold: int = 256 * 2**20) -> bool:
     """Keep the memory a training step frees for the next step, instead of handing it back
     to the operating system and faulting it in again. Process-wide, once; True where it
@@ -198,7 +204,7 @@ def keep_freed_memory(mmap_threshold: int = 256 * 2**20) -> bool:
     global _freed_memory_kept
     if _freed_memory_kept:
         return True
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not has_glibc():
         return False
     libc = ctypes.CDLL(None)
     trimmed_never = libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)

@@ -4,7 +4,6 @@ the CPU it runs on."""
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -150,7 +149,6 @@ def test_a_records_speed_entry_names_the_setting_it_ran_in():
     assert sp.recorded_setting(None) == "fp32 NCHW"   # records made before the entry existed
 
 
-
 _PROBE = """
 import ctypes, resource, sys, torch
 from kdutils import speed
@@ -167,8 +165,7 @@ print(faults(10), speed.machine_id().endswith("freed memory kept"))
 """
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                    reason="freed memory is kept through glibc's malloc only")
+@pytest.mark.skipif(not sp.has_glibc(), reason="freed memory is kept through glibc's malloc only")
 def test_kept_freed_memory_is_reused_instead_of_faulted_in_again():
     root = str(Path(__file__).resolve().parents[1])
     env = {k: v for k, v in os.environ.items()   # glibc's own malloc, as configured by default
