@@ -205,11 +205,12 @@ def _works(name: str, P) -> list[Work]:
         return []
     n = P.get("train_size") or _DATASET_SIZE.get(P.get("dataset", "cifar10"), 50_000)
     seeds, bs, ep = len(P.seeds) if "seeds" in P else 1, P.batch_size, P.epochs
-    if name in ("baseline", "hinton", "cosine", "regressor", "speed"):
+    if name == "speed":  # each network twice per seed: fp32 NCHW and the fast setting
+        return [Work(f"{student} x{seeds}", student, n, ep, 2 * seeds, bs) for student in P.students]
+    if name in ("baseline", "hinton", "cosine", "regressor"):
         student = P.get("student", "lightnn")
-        alongside = P.teacher if name in ("hinton", "cosine", "regressor") else None
-        runs = [Work(f"{student} x{seeds}", student, n, ep, seeds * (2 if name == "speed" else 1), bs,
-                     alongside)]
+        alongside = P.teacher if name != "baseline" else None
+        runs = [Work(f"{student} x{seeds}", student, n, ep, seeds, bs, alongside)]
         if "teacher" not in P:
             return runs
         return [Work(f"{P.teacher} teacher", P.teacher, n, P.teacher_epochs, 1, bs, is_teacher=True)] + runs

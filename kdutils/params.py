@@ -252,7 +252,7 @@ SCHEMAS: dict[str, dict[str, Callable]] = {
              "grid_fraction": fraction, "view_fraction": fraction, "views": positive_int,
              "view_epochs": list_of(positive_int)},
     "results": {"results_dir": optional_path},
-    "speed": {**COMMON, "student": choice(*MODELS)},
+    "speed": {**COMMON, "students": list_of(choice(*MODELS))},
     "scaleout": {"profile": COMMON["profile"], "dataset": COMMON["dataset"], "epochs": positive_int,
                  "batch_size": positive_int, "processes": positive_int, "train_size": positive_int,
                  "data_dir": optional_path},
@@ -291,8 +291,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
              "grid_T": [1.0, 2.0, 5.0, 10.0], "grid_alpha": [0.25, 0.5, 0.9], "grid_fraction": 0.05,
              "view_fraction": 0.2, "views": 8, "view_epochs": [10, 40]},
     "results": {"results_dir": None},
-    # Appendix "Making it fast": R5's student recipe, fp32 NCHW against the fast settings.
-    "speed": {**TUTORIAL_RECIPE, "student": "lightnn"},
+    # Appendix "Making it fast": R5's student recipe, fp32 NCHW against the fast settings, for
+    # both of Part I's networks.
+    "speed": {**TUTORIAL_RECIPE, "students": ["lightnn", "deepnn"]},
     # Appendix "Scale-out": 1 process against several, on a subset.
     "scaleout": {"profile": "full", "dataset": "cifar10", "epochs": 3, "batch_size": 64,
                  "processes": 2, "train_size": 4000, "data_dir": None},

@@ -86,9 +86,30 @@ def choose_layout(channels_last: bool | None, device_type: str) -> bool:
 
 # Settings that changed accuracy on the CPU, by network: (architecture, setting name) -> why.
 # The chooser never picks them. A setting enters here when a paired comparison over at least
-# five seeds puts the whole 95% interval more than half a point from zero (appendix
-# "Making it fast" shows the measurements).
+# five seeds puts the whole 95% interval more than ACCURACY_BUDGET points below zero
+# (accuracy_verdict; appendix "Making it fast" shows the measurements).
 ACCURACY_EXCLUDED: dict[tuple[str, str], str] = {}
+ACCURACY_BUDGET = 0.5   # points of test accuracy a faster setting may cost
+
+
+def accuracy_verdict(diff_mean: float, ci_low: float, ci_high: float, seeds: int,
+                     budget: float = ACCURACY_BUDGET) -> str:
+    """The book's rule for a faster setting, from its paired comparison with fp32 NCHW over
+    ``seeds`` seeds (mean difference and 95% interval, in points):
+
+    - ``"excluded"``: at least five seeds and the whole interval more than ``budget`` below
+      zero; the setting goes into :data:`ACCURACY_EXCLUDED` for that network;
+    - ``"may be a default"``: at least five seeds, the interval no lower than ``-budget``
+      and the mean within ``budget``;
+    - ``"undecided"``: anything else (the chooser may still pick it where it is faster).
+    """
+    if seeds < 5 or ci_low != ci_low or ci_high != ci_high:   # NaN: no interval
+        return "undecided"
+    if ci_high < -budget:
+        return "excluded"
+    if ci_low >= -budget and abs(diff_mean) <= budget:
+        return "may be a default"
+    return "undecided"
 
 
 def setting_name(dtype: torch.dtype | None, channels_last: bool) -> str:
@@ -284,8 +305,12 @@ class Speed:
     gradient scaler; off on a CPU (with ``measure``: bf16 where the CPU computes it natively
     and it measures faster). Explicit values are obeyed. ``compile``: ``torch.compile`` the
     student (pays off from a few epochs on, on a GPU). ``measure``: on a CPU, choose what is
-    left to ``auto``/``None`` by timing (:func:`choose_cpu_setting`). ``keep_memory``: on a
-    CPU, keep the memory a step frees for the next (:func:`keep_freed_memory`).
+    left to ``auto``/``None`` by timing (:func:`choose_cpu_setting`). Off by default: a choice
+    made from timings could differ between a run and its resumption, and a default must be
+    shown to cost less than half a point (:func:`accuracy_verdict`); the five-seed checks of
+    bf16 channels_last for LightNN and DeepNN show no cost but do not rule that out.
+    ``keep_memory``: on a CPU, keep the memory a step frees for the next
+    (:func:`keep_freed_memory`).
     """
 
     channels_last: bool | None = None

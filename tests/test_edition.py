@@ -66,6 +66,17 @@ def test_plans_follow_the_profile_and_estimates_add_up():
     assert E.plan(E.edition("fast")[-1], E.checked(E.edition("fast")[-1], {})) == []  # Results
 
 
+def test_the_speed_appendix_plans_each_network_twice_per_seed():
+    ch = next(c for c in E.edition("full") if c.stem == "appendix_fast")
+    full = E.plan(ch, E.checked(ch, {}))
+    assert [(w.arch, w.images, w.epochs, w.runs, w.teacher) for w in full] == [
+        ("lightnn", 50_000, 10, 10, None), ("deepnn", 50_000, 10, 10, None)]
+    one = E.plan(ch, E.checked(ch, {"students": ["deepnn"], "seeds": [0, 1, 2]}))
+    assert [(w.arch, w.runs) for w in one] == [("deepnn", 6)]
+    with pytest.raises(params.ParameterError, match="'students'"):
+        E.checked(ch, {"students": ["vgg"]})
+
+
 def test_measure_rate_times_real_steps_with_the_teacher_alongside():
     import torch
     alone = E.measure_rate("lightnn", None, 16, 32, torch.device("cpu"), steps=2)

@@ -59,6 +59,18 @@ def test_candidates_follow_the_hardware_and_the_explicit_settings(monkeypatch):
     assert sp.cpu_candidates("auto", None, False, arch="deepnn") == [(fp32, False), (fp32, True)]
 
 
+def test_the_accuracy_rule_needs_five_seeds_and_reads_the_whole_interval():
+    v = sp.accuracy_verdict
+    assert v(-0.9, -1.3, -0.6, seeds=5) == "excluded"          # all of it below -0.5
+    assert v(-0.9, -1.3, -0.6, seeds=3) == "undecided"         # too few seeds to exclude
+    assert v(-0.9, -1.3, -0.4, seeds=5) == "undecided"         # reaches above -0.5
+    assert v(-0.29, -0.66, 0.08, seeds=5) == "undecided"       # a cost of 0.5 not ruled out
+    assert v(-0.1, -0.4, 0.2, seeds=5) == "may be a default"
+    assert v(0.6, 0.2, 1.0, seeds=5) == "undecided"            # a change, if a gain, is a change
+    assert v(-0.1, float("nan"), float("nan"), seeds=5) == "undecided"
+    assert v(-0.6, -0.75, -0.45, seeds=5, budget=0.4) == "excluded"
+
+
 def test_fastest_setting_wins_and_a_tie_keeps_the_first():
     assert sp.pick_fastest({"fp32 NCHW": 100.0, "fp32 channels_last": 180.0}) == "fp32 channels_last"
     assert sp.pick_fastest({"fp32 NCHW": 100.0, "bf16 NCHW": 100.0}) == "fp32 NCHW"
