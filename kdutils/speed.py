@@ -100,7 +100,8 @@ def accuracy_verdict(diff_mean: float, ci_low: float, ci_high: float, seeds: int
     - ``"excluded"``: at least five seeds and the whole interval more than ``budget`` below
       zero; the setting goes into :data:`ACCURACY_EXCLUDED` for that network;
     - ``"may be a default"``: at least five seeds, the interval no lower than ``-budget``
-      and the mean within ``budget``;
+      and the mean within ``budget`` either way (a default must not change what the book's
+      runs measure, not even by a gain);
     - ``"undecided"``: anything else (the chooser may still pick it where it is faster).
     """
     if seeds < 5 or ci_low != ci_low or ci_high != ci_high:   # NaN: no interval
@@ -306,9 +307,8 @@ class Speed:
     and it measures faster). Explicit values are obeyed. ``compile``: ``torch.compile`` the
     student (pays off from a few epochs on, on a GPU). ``measure``: on a CPU, choose what is
     left to ``auto``/``None`` by timing (:func:`choose_cpu_setting`). Off by default: a choice
-    made from timings could differ between a run and its resumption, and a default must be
-    shown to cost less than half a point (:func:`accuracy_verdict`); the five-seed checks of
-    bf16 channels_last for LightNN and DeepNN show no cost but do not rule that out.
+    made from timings could differ between a run and its resumption, and a setting becomes a
+    default only when :func:`accuracy_verdict` allows it (the appendix's checks).
     ``keep_memory``: on a CPU, keep the memory a step frees for the next
     (:func:`keep_freed_memory`).
     """
