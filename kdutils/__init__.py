@@ -1,17 +1,20 @@
 """kdutils: the shared code of the book *Knowledge Distillation in PyTorch*.
 
-One module per concern: :mod:`~kdutils.settings` (environment, paths), :mod:`~kdutils.params`
-(chapter parameters, profiles, validation), :mod:`~kdutils.data` (datasets as tensors,
-batched augmentation), :mod:`~kdutils.autoaugment` (AutoAugment on whole batches), :mod:`~kdutils.models`, :mod:`~kdutils.losses`,
-:mod:`~kdutils.loop` (one epoch of training, evaluation), :mod:`~kdutils.train` (``fit``: a
-whole run around the loop), :mod:`~kdutils.runs` (a run's key, checkpoint and record),
-:mod:`~kdutils.fingerprint` (what code a run ran),
-:mod:`~kdutils.speed` (precision and layout per machine), :mod:`~kdutils.checkpoint`,
-:mod:`~kdutils.teachers` (the teacher cache), :mod:`~kdutils.airbench` (the strong CIFAR-10 teacher),
-:mod:`~kdutils.regimes` (few labels, agreement, calibration), :mod:`~kdutils.results` (run records, tables), :mod:`~kdutils.plots`,
-:mod:`~kdutils.notebook` (a chapter's first lines, the code it shows, the numbers its prose quotes), :mod:`~kdutils.dist` (several processes),
-:mod:`~kdutils.recipes` (the chapters' recipes from the command line) and
-:mod:`~kdutils.edition` (every chapter of a profile, executed in one command).
+The package itself is what the chapters teach and a reader reuses, one module per concern:
+
+* :mod:`~kdutils.data` (datasets as tensors, batched augmentation; :mod:`~kdutils.autoaugment`),
+  :mod:`~kdutils.models`, :mod:`~kdutils.hooks` (intermediate outputs by layer name);
+* :mod:`~kdutils.losses` (the losses as functions of tensors) and :mod:`~kdutils.methods` (every
+  student method of the book: its step, what it needs from the teacher, one registry);
+* :mod:`~kdutils.loop` (one epoch, evaluation), :mod:`~kdutils.train` (``fit``: a whole run),
+  :mod:`~kdutils.runs` (a run's key, checkpoint and record; :mod:`~kdutils.checkpoint`,
+  :mod:`~kdutils.fingerprint`), :mod:`~kdutils.results` (run records as tables);
+* :mod:`~kdutils.speed` (precision, memory layout), :mod:`~kdutils.dist` (several processes),
+  :mod:`~kdutils.settings` (environment variables, folders, run options).
+
+Beside it, and never imported by it: :mod:`kdutils.book`, what produces this book (the
+chapter registry, notebook set-up, recipes, the edition, teachers, plots), and
+:mod:`kdutils.tools`, what measures the machine (benchmark, CPU setting chooser, scale-out).
 """
 import warnings as _warnings
 
@@ -22,9 +25,7 @@ with _warnings.catch_warnings():
     _warnings.simplefilter("ignore", _TqdmWarning)
     import tqdm.auto  # noqa: F401
 
-from . import (airbench, autoaugment, checkpoint, data, dist, fingerprint, loop, losses,  # noqa: F401
-               methods, models, notebook, params, plots, recipes, regimes, results, runs, settings, speed,
-               teachers, train)
-from .notebook import show_code  # noqa: F401
+from . import (autoaugment, checkpoint, data, dist, fingerprint, hooks, loop, losses,  # noqa: F401
+               methods, models, results, runs, settings, speed, train)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

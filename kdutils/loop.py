@@ -6,6 +6,9 @@ once per epoch and adds seeding, checkpoints, resuming and the run record around
 """
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -17,6 +20,29 @@ from .losses import ce_loss, total
 
 Step = Callable[[nn.Module, torch.Tensor, torch.Tensor, dict | None], "torch.Tensor | dict[str, torch.Tensor]"]
 TeacherTargets = Callable[[nn.Module, torch.Tensor], dict]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training stands: ``epoch`` (0-based) of ``epochs``. A step that declares a
+    ``progress`` keyword receives it (DKD's warm-up follows the epoch)."""
+
+    epoch: int
+    epochs: int
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A frozen teacher as a run uses it: the network and ``targets(teacher, x) -> dict``,
+    what the step needs from it. ``key`` names its training (a teacher run's ``run_key``);
+    without one its weights are hashed. ``outputs``: the targets for every training image,
+    computed once (:func:`precompute_teacher`), a function that returns them (called only by
+    a run that trains), or an empty dict for the first run to fill."""
+
+    model: nn.Module
+    targets: TeacherTargets
+    key: str | None = None
+    outputs: dict | Callable[[], dict] | None = None
 
 
 class TrainingDiverged(FloatingPointError):
@@ -32,18 +58,29 @@ def ce_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: dict | None) 
     return ce_loss(model(x), y)
 
 
+def takes_progress(step: Step) -> bool:
+    """Whether ``step`` declares a ``progress`` keyword (a partial's included)."""
+    try:
+        return "progress" in inspect.signature(step).parameters
+    except (TypeError, ValueError):   # a builtin or a C callable: no signature to read
+        return False
+
+
 def train_epoch(model, batches: Iterable, step: Step, optimizer: torch.optim.Optimizer, *,
                 amp: torch.dtype | None = None, scaler=None, scheduler=None,
-                bar=None) -> dict[str, torch.Tensor]:
+                bar=None, progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """One pass over ``batches`` of ``(x, y, t)``: the loss of each batch by ``step``, its
     gradients, one update of the weights. Returns the mean loss (``"loss"``) and, when the step
     returns named terms (``{"kd": ..., "ce": ...}``, added up in their order), the mean of each.
 
     ``amp`` is the autocast dtype (None: fp32), ``scaler`` a GradScaler (fp16 only: it scales
     the loss and skips an update whose gradients overflowed), ``scheduler`` a learning-rate
-    schedule stepped after every batch (OneCycle), ``bar`` a progress bar.
+    schedule stepped after every batch (OneCycle), ``bar`` a progress bar. A step that declares
+    a ``progress`` keyword is called with ``progress`` (:class:`Progress`).
     """
     model.train()
+    if progress is not None and takes_progress(step):
+        step = partial(step, progress=progress)
     losses, terms = [], {}
     for x, y, t in batches:
         with torch.autocast(x.device.type, amp or torch.float32, enabled=amp is not None):

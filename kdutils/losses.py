@@ -127,16 +127,16 @@ def hint_loss(student_logits: torch.Tensor, student_regressed: torch.Tensor,
                             hint_weight, ce_weight))
 
 
-def byot_loss(exit_logits: list[torch.Tensor], exit_features: list[torch.Tensor],
-              labels: torch.Tensor, *, T: float, kd_weight: float, feature_weight: float,
-              detach_teacher: bool) -> torch.Tensor:
-    """Self-distillation across exits ("Be Your Own Teacher"), as in R1.
+def byot_terms(exit_logits: list[torch.Tensor], exit_features: list[torch.Tensor],
+               labels: torch.Tensor, *, T: float, kd_weight: float, feature_weight: float,
+               detach_teacher: bool) -> dict[str, torch.Tensor]:
+    """Self-distillation across exits ("Be Your Own Teacher"), as in R1, as named terms.
 
     With the deepest exit ``K`` as teacher (logits ``p_K``, features ``h_K``)::
 
-        L = CE(p_K, y) + sum_{i<K} [ CE(p_i, y)
-                                     + kd_weight * T^2 * KL(softmax(p_K/T) || softmax(p_i/T))
-                                     + feature_weight * MSE(h_i, resize(h_K.detach(), h_i)) ]
+        ce      = CE(p_K, y) + sum_{i<K} CE(p_i, y)
+        kd      = kd_weight * sum_{i<K} T^2 * KL(softmax(p_K/T) || softmax(p_i/T))
+        feature = feature_weight * sum_{i<K} MSE(h_i, resize(h_K.detach(), h_i))
 
     ``resize`` is bilinear interpolation to the spatial size of ``h_i``. The teacher's
     features are always detached; its logits only with ``detach_teacher=True`` (R1 does not
@@ -144,10 +144,40 @@ def byot_loss(exit_logits: list[torch.Tensor], exit_features: list[torch.Tensor]
     """
     teacher_logits = exit_logits[-1].detach() if detach_teacher else exit_logits[-1]
     teacher_feat = exit_features[-1].detach()
-    loss = ce_loss(exit_logits[-1], labels)
+    ce, kd, feature = ce_loss(exit_logits[-1], labels), 0.0, 0.0
     for p, h in zip(exit_logits[:-1], exit_features[:-1]):
         target = F.interpolate(teacher_feat, size=h.shape[-2:], mode="bilinear", align_corners=False)
-        loss = (loss + ce_loss(p, labels)
-                + kd_weight * soft_target_loss(p, teacher_logits, T)
-                + feature_weight * F.mse_loss(h, target))
-    return loss
+        ce = ce + ce_loss(p, labels)
+        kd = kd + soft_target_loss(p, teacher_logits, T)
+        feature = feature + F.mse_loss(h, target)
+    return {"ce": ce, "kd": kd_weight * kd, "feature": feature_weight * feature}
+
+
+def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+              *, alpha: float, beta: float, T: float) -> dict[str, torch.Tensor]:
+    """Decoupled KD (Zhao et al. 2022): KD's KL split into what it says about the target class
+    and about the other classes, weighted apart.
+
+    With ``b = (p_y, 1 - p_y)`` the binary target/non-target probabilities and ``p̂`` the
+    distribution over the non-target classes alone (both at temperature ``T``)::
+
+        tckd = alpha * T^2 * KL(b^t || b^s)
+        nckd = beta  * T^2 * KL(p̂^t || p̂^s)
+
+    Hinton's ``T^2 * KL(p^T || q^T)`` equals ``T^2 * KL(b^t || b^s) + (1 - p^t_y) T^2 KL(p̂^t || p̂^s)``:
+    DKD drops the factor ``1 - p^t_y``, which silences the non-target term exactly when the
+    teacher is confident.
+    """
+    if T <= 0:
+        raise ValueError(f"T must be > 0, got {T}")
+    target = F.one_hot(labels, student_logits.shape[-1]).bool()
+    p_s, p_t = F.softmax(student_logits / T, dim=-1), F.softmax(teacher_logits / T, dim=-1)
+    b_s = torch.stack([p_s[target], 1 - p_s[target]], dim=1).clamp_min(1e-12)
+    b_t = torch.stack([p_t[target], 1 - p_t[target]], dim=1).clamp_min(1e-12)
+    tckd = F.kl_div(b_s.log(), b_t, reduction="batchmean")
+    # the non-target distributions: softmax with the target class masked out
+    masked = lambda z: (z / T).masked_fill(target, float("-inf"))  # noqa: E731
+    log_q_hat = F.log_softmax(masked(student_logits), dim=-1).masked_fill(target, 0.0)
+    p_hat = F.softmax(masked(teacher_logits), dim=-1)
+    nckd = (p_hat * (p_hat.clamp_min(1e-12).log() - log_q_hat)).sum(-1).mean()
+    return {"tckd": alpha * T**2 * tckd, "nckd": beta * T**2 * nckd}

@@ -1,8 +1,10 @@
-"""The Part I methods: what each needs from the teacher, and its training step (chapters 2-5).
+"""Every student method of the book: what it needs from the teacher, and its training step.
 
 A method is two small functions: ``*_targets(teacher, x) -> dict`` (what the loss needs from
-the frozen teacher) and ``*_step(model, x, y, t) -> loss``. The chapters display them with
-:func:`kdutils.show_code`; :func:`train_seeds` trains a method over several seeds with the one loop.
+the frozen teacher) and ``*_step(model, x, y, t) -> {name: loss term}``, plus, for a method
+that trains extra modules (a regressor, a projection), the wrapper that holds them. They are
+registered once, by name, in :data:`METHODS`; :func:`train_seeds` trains a registered method
+over several seeds with the one loop (:func:`kdutils.train.fit`).
 """
 from __future__ import annotations
 
@@ -16,11 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hooks import capture
-from .losses import byot_loss, ce_loss, cosine_terms, hint_terms, kd_terms, pool_to_dim
+from .loop import Progress, Teacher, ce_step
+from .losses import (byot_terms, ce_loss, cosine_terms, dkd_terms, hint_terms, kd_terms,
+                     pool_to_dim, soft_target_loss)
 from .models import build
+from .runs import Run
+from .settings import RunOptions
 from .speed import Speed
-from .loop import ce_step  # noqa: F401 (chapter 2's step, listed in METHODS)
-from .train import Recipe, Run, fit
+from .train import Recipe, fit
 
 STUDENT_HIDDEN = 1024  # LightNN's flattened feature map: 16 x 8 x 8
 
@@ -93,105 +98,27 @@ def hint_step(model, x, y, t, *, hint_weight=0.7, ce_weight=0.3):
     return hint_terms(logits, model.regressor(f), t["map"], y, hint_weight, ce_weight)
 
 
-def _hint_model(seed):
-    student = build("lightnn", seed=seed)  # the same initial student as every other method
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)
-        return HintStudent(student)
+def wrapped_in(wrapper: type) -> Callable[[nn.Module, int], nn.Module]:
+    """``(student, seed) -> wrapper(student)``, the wrapper's own modules (a regressor, a
+    projection) drawn from ``seed + 1``: the student's initial weights stay those of every
+    other method's student of the same seed."""
+    def wrap(student: nn.Module, seed: int) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            return wrapper(student)
+    return wrap
 
 
-class Method(NamedTuple):
-    """A Part I method: its home chapter, its loss ``step``, what the step needs from the
-    teacher (``targets``, None without one) and how its student is built from a seed."""
-
-    chapter: str
-    step: Callable
-    targets: Callable | None
-    make: Callable[[int], nn.Module]
-
-    @property
-    def weights(self) -> dict:
-        """The loss weights and their defaults (R5's), read from the step's signature: the
-        one place they are written."""
-        return step_defaults(self.step)
-
-
-def step_defaults(step: Callable) -> dict:
-    """A step's loss weights (its keyword-only arguments) and their defaults."""
-    return {name: p.default for name, p in inspect.signature(step).parameters.items()
-            if p.kind is p.KEYWORD_ONLY}
-
-
-def _lightnn(seed: int) -> nn.Module:
-    return build("lightnn", seed=seed)
-
-
-METHODS = {
-    "ce": Method("baseline", ce_step, None, _lightnn),
-    "kd": Method("hinton", kd_step, kd_targets, _lightnn),
-    "cosine": Method("cosine", cosine_step, cosine_targets, _lightnn),
-    "hint": Method("regressor", hint_step, hint_targets, _hint_model),
-}
-
-
-def train_seeds(method: str, data, *, seeds, recipe: Recipe, teacher: Run | None = None,
-                make: Callable[[int], nn.Module] | None = None, step: Callable | None = None,
-                targets: Callable | None = None, chapter: str | None = None,
-                weights: dict | None = None, speed: Speed = Speed(), select: str = "last",
-                profile="full", device="auto", ckpt_dir=None, results_dir=None,
-                progress=True) -> list[Run]:
-    """Train ``method``'s student once per seed in ``seeds`` by ``recipe`` (its ``seed``
-    replaced by each), or reload the runs that are finished; one record each.
-
-    A method of :data:`METHODS` brings its step, teacher targets, student and home chapter
-    (``make`` and ``chapter`` may be overridden: Part II trains ``ce`` and ``kd`` on ResNets),
-    and its loss weights default to the step's; ``weights`` sets some of them. Any other
-    method names its ``make``, ``step`` and ``chapter`` (and ``targets`` with a teacher), and
-    ``weights`` are its step's keyword arguments as recorded. Without augmentation the
-    teacher's outputs are computed once, in the memory layout the runs use, and shared by
-    all seeds (exact: an image is the same tensor every epoch); with it the teacher runs on
-    every batch. (With fixed views, or a layout the CPU chooser measures per run, each run
-    computes its own table.)
-    """
-    weights = dict(weights or {})
-    entry = METHODS.get(method)
-    if entry is not None:
-        if step not in (None, entry.step):
-            raise ValueError(f"method {method!r} is registered with {entry.step.__name__}: "
-                             "give another step under another name")
-        if targets not in (None, entry.targets):
-            raise ValueError(f"method {method!r} is registered with the teacher targets "
-                             f"{getattr(entry.targets, '__name__', None)}: give other targets "
-                             "under another name")
-        if entry.targets is None and teacher is not None:
-            raise ValueError(f"method {method!r} takes no teacher")
-        unknown = set(weights) - set(entry.weights)
-        if unknown:
-            raise ValueError(f"method {method!r} takes the weights {tuple(entry.weights)}, "
-                             f"not {sorted(unknown)}")
-        weights = {**entry.weights, **weights}
-        step, targets = entry.step, entry.targets
-        make, chapter = make or entry.make, chapter or entry.chapter
-    elif make is None or step is None or chapter is None:
-        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)} (any other "
-                         "method needs make, step and chapter)")
-    if targets is not None and teacher is None:
-        raise ValueError(f"method {method!r} needs a teacher")
-    if teacher is not None and targets is None:
-        raise ValueError(f"method {method!r} was given a teacher but no targets (what its step needs from it)")
-    step_fn = partial(step, **weights) if weights else step
-    options = dict(chapter=chapter, method=method, step=step_fn, params=weights, speed=speed,
-                   select=select, profile=profile, device=device, ckpt_dir=ckpt_dir,
-                   results_dir=results_dir, progress=progress)
-    if teacher is not None:
-        options.update(teacher=teacher.model, teacher_targets=targets,
-                       teacher_key=teacher.record["run_key"])
-    # Without augmentation the first run that trains fills the teacher's table; the others
-    # reuse it. With fixed views, or a layout the CPU chooser measures per run, each run
-    # computes its own.
-    shared = {} if teacher is not None and not (recipe.augments or recipe.views or speed.measure) else None
-    return [fit(make(seed), data, replace(recipe, seed=seed), teacher_outputs=shared, **options)
-            for seed in seeds]
+# ---- Decoupled KD (Zhao et al. 2022) ---------------------------------------------------------
+def dkd_step(model, x, y, t, *, alpha=1.0, beta=8.0, T=4.0, warmup=20, ce_weight=1.0,
+             progress: Progress | None = None):
+    """Cross-entropy plus DKD's target-class and non-target-class terms
+    (:func:`kdutils.losses.dkd_terms`; the paper's CIFAR-100 defaults). Both DKD terms rise
+    linearly over the first ``warmup`` epochs: ``min((epoch + 1) / warmup, 1)``."""
+    s = model(x)
+    ramp = 1.0 if progress is None else min((progress.epoch + 1) / warmup, 1.0)
+    terms = dkd_terms(s, t["logits"], y, alpha=alpha, beta=beta, T=T)
+    return {"ce": ce_weight * ce_loss(s, y), **{k: ramp * v for k, v in terms.items()}}
 
 
 # ---- Part II: self-distillation across exits (R1) -----------------------------------------
@@ -199,8 +126,8 @@ def byot_step(model, x, y, t, *, T=4.0, kd_weight=0.7, feature_weight=0.3, detac
     """R1's loss on a multi-exit network: every exit learns the labels, the shallow exits
     also the deepest exit's soft predictions and (detached) feature map."""
     logits, feats = model(x)
-    return byot_loss(logits, feats, y, T=T, kd_weight=kd_weight, feature_weight=feature_weight,
-                     detach_teacher=detach_teacher)
+    return byot_terms(logits, feats, y, T=T, kd_weight=kd_weight, feature_weight=feature_weight,
+                      detach_teacher=detach_teacher)
 
 
 # ---- Part II: feature self-distillation through forward hooks (R3) --------------------------
@@ -235,8 +162,8 @@ def hook_sd_step(model, x, y, t, *, hook_weight=0.5):
         logits = model(x)
     deep, shallow = f[model.deep].detach(), f[model.shallow]
     shallow = F.adaptive_avg_pool2d(shallow, deep.shape[-2:])
-    return (hook_weight * F.mse_loss(model.proj(shallow), deep)
-            + (1 - hook_weight) * ce_loss(logits, y))
+    return {"hook": hook_weight * F.mse_loss(model.proj(shallow), deep),
+            "ce": (1 - hook_weight) * ce_loss(logits, y)}
 
 
 # ---- Part II: a pretrained teacher into a small CNN (R4) ----------------------------------
@@ -277,7 +204,105 @@ def feature_kd_step(model, x, y, t, *, feature_weight=0.3):
     with capture(model.student, [model.layer]) as f:
         logits = model(x)
     s_map, t_map = match_maps(model.proj(f[model.layer]), t["map"])
-    return (1 - feature_weight) * ce_loss(logits, y) + feature_weight * F.mse_loss(s_map, t_map.float())
+    return {"ce": (1 - feature_weight) * ce_loss(logits, y),
+            "feature": feature_weight * F.mse_loss(s_map, t_map.float())}
+
+
+# ---- chapter 6: KD when only some images have a label ---------------------------------------
+def kd_unlabelled_step(model, x, y, t, *, T=5.0, alpha=0.5):
+    """``alpha * T^2 * KL(p^T || q^T)`` on every image + ``(1 - alpha) * CE`` on the images
+    whose ``t["labelled"]`` is True (a batch without any contributes no cross-entropy)."""
+    s = model(x)
+    has = t["labelled"]
+    hard = ce_loss(s[has], y[has]) if bool(has.any()) else s.sum() * 0.0
+    return {"kd": alpha * soft_target_loss(s, t["logits"], T), "ce": (1 - alpha) * hard}
+
+
+# ---- the registry --------------------------------------------------------------------------
+class Method(NamedTuple):
+    """A student method: its loss ``step``, what the step needs from the teacher (``targets``,
+    None without one), the wrapper that adds its training-only modules (``wrap(student,
+    seed)``, None without any) and what the teacher sees (``teacher_sees``): the student's
+    own augmented view (``"view"``) or, for inconsistent teaching, the unaugmented image."""
+
+    step: Callable
+    targets: Callable | None = None
+    wrap: Callable[[nn.Module, int], nn.Module] | None = None
+    teacher_sees: str = "view"
+
+    @property
+    def weights(self) -> dict:
+        """The loss weights and their defaults, read from the step's signature: the one
+        place they are written."""
+        return step_defaults(self.step)
+
+
+def step_defaults(step: Callable) -> dict:
+    """A step's loss weights (its keyword-only arguments but ``progress``) and their defaults."""
+    return {name: p.default for name, p in inspect.signature(step).parameters.items()
+            if p.kind is p.KEYWORD_ONLY and name != "progress"}
+
+
+METHODS = {
+    "ce": Method(ce_step),
+    "kd": Method(kd_step, kd_targets),
+    "cosine": Method(cosine_step, cosine_targets),
+    "hint": Method(hint_step, hint_targets, wrapped_in(HintStudent)),
+    "dkd": Method(dkd_step, kd_targets),
+    "kd_unlabelled": Method(kd_unlabelled_step, kd_targets),
+    "kd_inconsistent": Method(kd_step, kd_targets, teacher_sees="image"),
+    "byot": Method(byot_step),
+    "hook_sd": Method(hook_sd_step, wrap=wrapped_in(HookSelfDistill)),
+    # the projection's size depends on the teacher: the chapter builds FeatureKDStudent itself
+    "feature_kd": Method(feature_kd_step, feature_targets),
+}
+
+
+def method_weights(method: str, weights: dict | None = None) -> dict:
+    """``method``'s loss weights: its step's defaults with ``weights`` in place of some;
+    refuses an unknown method or weight, naming what is known."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    known = METHODS[method].weights
+    unknown = sorted(set(weights or {}) - set(known))
+    if unknown:
+        raise ValueError(f"method {method!r} takes the weights {tuple(known)}, not {unknown}")
+    return {**known, **(weights or {})}
+
+
+def train_seeds(method: str, data, *, seeds, recipe: Recipe, chapter: str,
+                student: str | Callable[[int], nn.Module] = "lightnn",
+                teacher: Run | Teacher | None = None, weights: dict | None = None,
+                speed: Speed = Speed(), select: str = "last",
+                options: RunOptions = RunOptions()) -> list[Run]:
+    """Train ``method`` (a name in :data:`METHODS`) once per seed in ``seeds`` by ``recipe``
+    (its ``seed`` replaced by each), or reload the runs that are finished; one record each.
+
+    ``student`` is a network name for :func:`kdutils.models.build` or ``seed -> network``;
+    the method's wrapper, if any, is put around it. ``teacher`` is a teacher's run (its
+    targets are the method's) or a :class:`~kdutils.loop.Teacher`. ``weights`` replaces some
+    of the step's loss weights. Without augmentation the teacher's outputs are computed once,
+    in the layout the runs use, and shared by all seeds; with it the teacher sees every batch.
+    """
+    weights = method_weights(method, weights)
+    entry = METHODS[method]
+    if (entry.targets is None) != (teacher is None):
+        raise ValueError(f"method {method!r} {'needs a teacher' if teacher is None else 'takes no teacher'}")
+    if isinstance(teacher, Run):
+        teacher = Teacher(teacher.model, entry.targets, key=teacher.record["run_key"])
+    # Without augmentation the first run that trains fills the teacher's table; the others
+    # reuse it. With fixed views, or a layout the CPU chooser measures per run, each computes its own.
+    if teacher is not None and teacher.outputs is None and not (recipe.augments or recipe.views or speed.measure):
+        teacher = replace(teacher, outputs={})
+    step = partial(entry.step, **weights) if weights else entry.step
+    runs = []
+    for seed in seeds:
+        net = build(student, seed=seed) if isinstance(student, str) else student(seed)
+        model = entry.wrap(net, seed) if entry.wrap is not None else net
+        runs.append(fit(model, data, replace(recipe, seed=seed), chapter=chapter, method=method,
+                        step=step, teacher=teacher, params=weights, speed=speed, select=select,
+                        options=options))
+    return runs
 
 
 def seeded(build_fn, seed: int):

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from . import settings
@@ -21,6 +22,7 @@ from .checkpoint import CheckpointError, atomic_save, load_checkpoint, load_stat
 from .fingerprint import changed, code_fingerprint, is_stale
 from .models import builders
 from .results import write_record
+from .settings import RunOptions
 
 
 @dataclass
@@ -50,16 +52,36 @@ def run_key(**parts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
+def weights_hash(model: nn.Module) -> str:
+    """A short hash of a network's weights and buffers (names, dtypes, shapes and values)."""
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        t = value.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(value.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:10]
+
+
+def teacher_identity(teacher) -> str | None:
+    """What names a :class:`~kdutils.loop.Teacher` in a run's key: its ``key``, else a hash
+    of its weights (two teachers that differ only in weights teach two different runs)."""
+    if teacher is None:
+        return None
+    return teacher.key or weights_hash(teacher.model)
+
+
 def run_paths(model: nn.Module, data, recipe, *, chapter: str, method: str, params: dict,
-              profile: str, teacher_key: str | None, ckpt_dir=None,
-              results_dir=None) -> tuple[str, Path, Path]:
-    """The run's key (a hash of all that defines it), checkpoint path and record path."""
+              teacher=None, options: RunOptions = RunOptions()) -> tuple[str, Path, Path]:
+    """The run's key, checkpoint path and record path. The key hashes all that defines the
+    run: chapter, method, recipe, loss weights, data, teacher, the network's class and its
+    initial weights (so call this before training)."""
     key = run_key(chapter=chapter, method=method, recipe=recipe.key(), params=params,
                   data=data.source, train=len(data.train_y), test=len(data.test_y),
-                  teacher=teacher_key, model=type(model).__name__)
-    name = f"{method}-{profile}-seed{recipe.seed}-{key}"
-    return (key, settings.ckpt_dir(ckpt_dir) / chapter / f"{name}.pt",
-            settings.results_dir(results_dir) / chapter / f"{name}.json")
+                  teacher=teacher_identity(teacher), model=type(model).__name__,
+                  init=weights_hash(model))
+    name = f"{method}-{options.profile}-seed{recipe.seed}-{key}"
+    return (key, settings.ckpt_dir(options.ckpt_dir) / chapter / f"{name}.pt",
+            settings.results_dir(options.results_dir) / chapter / f"{name}.json")
 
 
 def run_code(model: nn.Module, step, teacher_targets=None, teacher: nn.Module | None = None) -> dict:

@@ -16,6 +16,7 @@ book's ``_toc.yml``; outside the project it is the working directory. On Colab, 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 PROFILE_VAR = "KD_PROFILE"
@@ -61,10 +62,31 @@ def profile_override() -> str | None:
     return os.environ.get(PROFILE_VAR) or None
 
 
-RUN_OPTIONS = ("profile", "device", "ckpt_dir", "results_dir", "progress")
+KEEP_MEMORY_VAR = "KD_KEEP_MEMORY"
 
 
-def run_options(P) -> dict:
-    """What every run takes from a chapter's parameters ``P`` besides its recipe: the profile
-    (it names the run's files), the device, where checkpoints and records go, progress bars."""
-    return {name: P[name] for name in RUN_OPTIONS}
+def keep_memory_default() -> bool:
+    """Whether ``$KD_KEEP_MEMORY`` asks CPU runs to keep the memory a step frees
+    (:func:`kdutils.speed.keep_freed_memory`) where ``Speed.keep_memory`` is left at None:
+    ``1`` (or ``true``, ``yes``, ``on``) turns it on; unset or anything else leaves it off."""
+    return os.environ.get(KEEP_MEMORY_VAR, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Where and how a run executes, none of which changes its numbers: the profile (it names
+    the run's files), the device, where checkpoints and records go, and progress bars."""
+
+    profile: str = "full"
+    device: str = "auto"
+    ckpt_dir: str | Path | None = None
+    results_dir: str | Path | None = None
+    progress: bool = True
+
+
+RUN_OPTIONS = tuple(f.name for f in fields(RunOptions))
+
+
+def run_options(P) -> RunOptions:
+    """The :class:`RunOptions` of a chapter's parameters ``P``."""
+    return RunOptions(**{name: P[name] for name in RUN_OPTIONS})

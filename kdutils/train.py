@@ -1,7 +1,7 @@
 """Training a run of the book (introduced in chapter 2).
 
 A chapter passes what differs: the model, the ``step`` (its loss), and optionally a frozen
-teacher with ``teacher_targets`` (what the loss needs from it). :func:`fit` does the rest:
+:class:`~kdutils.loop.Teacher` (the network and what the loss needs from it). :func:`fit` does the rest:
 device and precision, batches, the optimiser and schedule, a progress bar, the epochs
 themselves (:func:`kdutils.loop.train_epoch`), evaluation after every epoch, and, through
 :mod:`kdutils.runs`, a checkpoint after every epoch, resuming and the run record.
@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from . import dist, settings
 from .data import FixedViews, ImageData, TensorLoader, loaders
-from .loop import (Step, TeacherTargets, TrainingDiverged, ce_step,  # noqa: F401 (re-exported)
-                   evaluate, evaluate_exits, freeze, precompute_teacher, train_epoch, with_teacher)
+from .loop import (Progress, Step, Teacher, TrainingDiverged, ce_step, evaluate_exits, freeze,
+                   precompute_teacher, train_epoch, with_teacher)
 from .results import OPTIONAL_RECIPE_FIELDS, make_record
-from .runs import (Run, RunFiles, check_writable, is_finished, run_code, run_key, run_paths,  # noqa: F401
-                   same_training)
-from .speed import (Speed, choose_layout, choose_precision,  # noqa: F401 (re-exported)
-                    cuda_native_bf16, speed_record)
+from .runs import Run, RunFiles, check_writable, is_finished, run_code, run_paths, teacher_identity
+from .settings import RunOptions
+from .speed import Speed, speed_record
 
 
 @dataclass(frozen=True)
@@ -108,16 +108,6 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-def sgd_recipe(P, *, epochs: int | None = None, seed: int = 0) -> Recipe:
-    """Part II's recipe from a chapter's parameters ``P``: SGD (momentum 0.9, weight decay
-    5e-4), random crop + flip, ``P.schedule`` and, where the chapter has them, AutoAugment
-    and RandomErasing (R1). ``epochs`` defaults to ``P.epochs``."""
-    return Recipe(epochs=epochs or P.epochs, batch_size=P.batch_size, lr=P.lr, optimizer="sgd",
-                  momentum=0.9, weight_decay=5e-4, schedule=P.schedule, augment=True,
-                  seed=seed, autoaugment=P.get("autoaugment", False),
-                  erasing=P.get("erasing", 0.0))
-
-
 def make_optimizer(model: nn.Module, r: Recipe) -> torch.optim.Optimizer:
     """The recipe's optimiser over the model's trainable parameters."""
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -137,96 +127,119 @@ def make_scheduler(opt, r: Recipe, steps_per_epoch: int):
 
 
 def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, chapter: str, method: str,
-        step: Step = ce_step, teacher: nn.Module | None = None,
-        teacher_targets: TeacherTargets | None = None, teacher_key: str | None = None,
-        teacher_outputs: dict[str, torch.Tensor] | None = None, params: dict | None = None,
-        profile: str = "full", device="auto", speed: Speed = Speed(), select: str = "last",
-        sync_bn: bool = False, ckpt_dir=None, results_dir=None, progress: bool = True) -> Run:
+        step: Step = ce_step, teacher: Teacher | None = None, params: dict | None = None,
+        speed: Speed = Speed(), select: str = "last", sync_bn: bool = False,
+        options: RunOptions = RunOptions()) -> Run:
     """Train ``model`` on ``data`` by ``recipe`` with ``step`` as the loss; resume if possible.
 
-    ``step(model, x, y, t)`` returns the loss of a batch; ``t`` is the dict that
-    ``teacher_targets(teacher, x)`` returned for the same images (None without a teacher).
-    Without augmentation the teacher's outputs are computed once for the whole training set
-    (or taken from ``teacher_outputs``, the result of :func:`precompute_teacher`; an empty
-    dict is filled by this run's pass, so that the next run of the same data and teacher
-    reuses it) and looked up per batch; with augmentation the teacher
-    runs on every batch, in inference mode and (on a GPU) reduced precision.
+    ``step(model, x, y, t)`` returns the loss of a batch or its named terms (a dict, added up
+    and recorded apart); ``t`` is what ``teacher.targets(teacher.model, x)`` gave for the same
+    images (None without a :class:`~kdutils.loop.Teacher`). A step with a ``progress`` keyword
+    also gets the epoch (:class:`~kdutils.loop.Progress`). Without augmentation the teacher's
+    outputs are computed once for the training set (or taken from ``teacher.outputs``; an
+    empty dict is filled for the next run to share); with it the teacher sees every batch.
 
-    Every epoch is :func:`kdutils.loop.train_epoch` followed by an evaluation on the test
-    set. Around it ``fit`` seeds every epoch from (seed, epoch), writes a checkpoint after
-    every epoch, continues an interrupted run from its last checkpoint (a finished run only
-    reloads) and writes the run record. ``speed`` says how fast to train (:class:`Speed`:
-    memory layout, autocast, compile); it is recorded but is not part of the run's identity.
-    With a held-out set (``data.holdout``) the validation accuracy is recorded every epoch,
-    and ``select="val"`` keeps the weights of the epoch with the best validation accuracy.
-
-    Under ``torchrun`` (:func:`kdutils.dist.setup` called first) the same call trains with
-    DistributedDataParallel: ``recipe.batch_size`` is the global batch, each process takes
-    its share of every batch, metrics are summed over processes, and only rank 0 writes
-    checkpoints, records and the progress bar. ``sync_bn`` turns BatchNorm layers into
-    SyncBatchNorm (GPUs), so that their statistics span the global batch.
+    A run is named by all that defines it (:func:`kdutils.runs.run_paths`): chapter, method,
+    recipe, ``params`` (its loss weights), data, the teacher (its key, else its weights), the
+    student's class and initial weights. Each epoch is :func:`kdutils.loop.train_epoch` and an
+    evaluation; ``fit`` seeds it from (seed, epoch) and checkpoints it, resumes an interrupted
+    run, only reloads a finished one (saying so) and writes the run record. Neither ``speed``
+    (:class:`~kdutils.speed.Speed`) nor ``options`` (:class:`~kdutils.settings.RunOptions`)
+    is part of a run's identity. ``select="val"`` keeps the weights of the epoch with the best
+    accuracy on the held-out set (``data.holdout``). Under ``torchrun`` the same call trains
+    with DistributedDataParallel (``recipe.batch_size`` is the global batch; ``sync_bn``
+    spans BatchNorm statistics over it); only rank 0 writes files.
     """
     w = dist.world()
-    _check_fit_arguments(data, select, teacher, teacher_targets)
-    dev = pick_device(dist.device_for(str(device), w))
+    _check_fit_arguments(data, select)
+    dev = pick_device(dist.device_for(str(options.device), w))
     speed.precision(dev)  # an unknown amp is refused before anything else
     params = dict(params or {})
     files = RunFiles(*run_paths(model, data, recipe, chapter=chapter, method=method, params=params,
-                                profile=profile, teacher_key=teacher_key, ckpt_dir=ckpt_dir,
-                                results_dir=results_dir),
-                     code=run_code(model, step, teacher_targets, teacher))
+                                teacher=teacher, options=options),
+                     code=run_code(model, step, *((teacher.targets, teacher.model) if teacher else ())))
     for folder in (files.checkpoint.parent, files.record_path.parent) if w.main else ():
         check_writable(folder)
     setting = speed.resolve(model, dev, recipe.batch_size, data.train_x.shape[-1],
-                            cache=settings.ckpt_dir(ckpt_dir) / "speed" / "cpu_choices.json",
+                            cache=settings.ckpt_dir(options.ckpt_dir) / "speed" / "cpu_choices.json",
                             measure=speed.measure and not w.distributed
                             and not is_finished(files.checkpoint, recipe.epochs, files.code))
-    amp, layout = setting["amp"], _layout(setting["channels_last"])
-    model.to(dev, memory_format=layout)
-    if teacher is not None:
-        freeze(teacher.to(dev, memory_format=layout))
-    train_loader, test_loader, val_loader, views = _loaders(data, recipe, dev,
-                                                            setting["channels_last"], w)
-    opt = make_optimizer(model, recipe)
-    sched = make_scheduler(opt, recipe, len(train_loader))
-    scaler = torch.amp.GradScaler(dev.type) if amp == torch.float16 else None  # fp16 only
-    history, start, extra_s = files.resume(model, opt, sched, scaler, dev)
-    table, seconds = _teacher_table(teacher, teacher_targets, teacher_outputs, data, recipe,
-                                    dev, views, needed=start < recipe.epochs)
-    run_model = _wrap(model, dev, w, sync_bn, speed.compile and start < recipe.epochs)
-    bar = _progress_bar(progress and start < recipe.epochs and w.main, recipe, len(train_loader),
-                        start, f"{chapter}/{method} seed {recipe.seed}")
+    tr = _prepare(model, data, recipe, step, teacher, files, dev, setting, w,
+                  compile_=speed.compile, sync_bn=sync_bn)
+    bar = _progress_bar(options.progress and tr.start < recipe.epochs and w.main, recipe,
+                        len(tr.train), tr.start, f"{chapter}/{method} seed {recipe.seed}")
     rng = torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [])  # caller's RNG back
     try:
         with rng:
-            for epoch in range(start, recipe.epochs):
-                # lazy: the loader is read inside the epoch, after _epoch has set its epoch
-                batches = with_teacher(train_loader, teacher, teacher_targets, table, amp)
-                history.append(_epoch(epoch, model, run_model, batches, step, opt, sched, scaler,
-                                      amp, recipe, w.rank, bar, files.checkpoint,
-                                      (test_loader, val_loader), train_loader.set_epoch))
+            for epoch in range(tr.start, recipe.epochs):
+                tr.history.append(_epoch(tr, epoch, bar))
                 if w.main:
-                    _save(files, model, opt, sched, scaler, history, extra_s + seconds, select)
+                    _save(tr, select)
     finally:
         if bar is not None:
             bar.close()
     dist.barrier()  # rank 0's files are complete before any process reads them
-    return _finish(files, model, data, recipe, history, start, extra_s + seconds, dev, setting,
-                   speed, w, select, chapter=chapter, method=method, profile=profile,
-                   params=params, teacher_key=teacher_key)
+    identity = dict(chapter=chapter, method=method, profile=options.profile, params=params,
+                    teacher_key=teacher_identity(teacher))
+    return _finish(tr, data, setting, speed, w, select, identity)
 
 
-def _layout(channels_last: bool) -> torch.memory_format:
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
-def _check_fit_arguments(data, select, teacher, teacher_targets) -> None:
+def _check_fit_arguments(data, select) -> None:
     if select not in ("last", "val"):
         raise ValueError(f"select must be 'last' or 'val', got {select!r}")
     if select == "val" and data.val_x is None:
         raise ValueError("select='val' needs a held-out set: pass data.holdout(val_size)")
-    if teacher is not None and teacher_targets is None:
-        raise ValueError("a teacher was given without teacher_targets (what the loss needs from it)")
+
+
+@dataclass
+class _Training:
+    """What the epochs of one run share, built once by :func:`_prepare`."""
+
+    model: nn.Module
+    run_model: nn.Module            # what the step calls: the model, or its DDP/compiled wrapper
+    step: Step
+    batches: Callable[[], Iterator]  # the epoch's (x, y, t) batches, read after set_epoch
+    train: TensorLoader
+    evals: tuple                    # (test loader, validation loader or None)
+    opt: torch.optim.Optimizer
+    sched: object
+    scaler: object
+    amp: torch.dtype | None
+    recipe: Recipe
+    files: RunFiles
+    device: torch.device
+    rank: int
+    history: list
+    start: int
+    extra_s: float                  # seconds spent outside epochs (the teacher's table)
+
+
+def _prepare(model, data, recipe, step, teacher, files, dev, setting, w, *, compile_: bool,
+             sync_bn: bool) -> _Training:
+    """Device and layout, loaders, optimiser and schedule, the resumed state, the teacher's
+    table: everything the epochs need."""
+    amp, layout = setting["amp"], _layout(setting["channels_last"])
+    model.to(dev, memory_format=layout)
+    if teacher is not None:
+        freeze(teacher.model.to(dev, memory_format=layout))
+    train, test, val, views = _loaders(data, recipe, dev, setting["channels_last"], w)
+    opt = make_optimizer(model, recipe)
+    sched = make_scheduler(opt, recipe, len(train))
+    scaler = torch.amp.GradScaler(dev.type) if amp == torch.float16 else None  # fp16 only
+    history, start, extra_s = files.resume(model, opt, sched, scaler, dev)
+    if start == recipe.epochs:
+        print(f"{files.checkpoint.name}: finished run, reloaded")
+    table, seconds = _teacher_table(teacher, data, recipe, dev, views, needed=start < recipe.epochs)
+    net_t, targets = (teacher.model, teacher.targets) if teacher is not None else (None, None)
+    return _Training(
+        model=model, run_model=_wrap(model, dev, w, sync_bn, compile_ and start < recipe.epochs),
+        step=step, batches=lambda: with_teacher(train, net_t, targets, table, amp), train=train,
+        evals=(test, val), opt=opt, sched=sched, scaler=scaler, amp=amp, recipe=recipe,
+        files=files, device=dev, rank=w.rank, history=history, start=start, extra_s=extra_s + seconds)
+
+
+def _layout(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def _loaders(data: ImageData, recipe: Recipe, dev, channels_last: bool, w):
@@ -246,26 +259,29 @@ def _loaders(data: ImageData, recipe: Recipe, dev, channels_last: bool, w):
     return train, test, val, views
 
 
-def _teacher_table(teacher, teacher_targets, teacher_outputs, data, recipe, dev, views, *,
+def _teacher_table(teacher: Teacher | None, data, recipe, dev, views, *,
                    needed: bool) -> tuple[dict | None, float]:
     """The teacher's outputs for every training image (and view) when they can be computed
-    once: given (``teacher_outputs``) or computed now; None when the teacher must see every
+    once: given (``teacher.outputs``) or computed now; None when the teacher must see every
     batch (augmentation) or there is none. Also returns the seconds it took."""
-    if teacher_outputs:
+    given = teacher.outputs if teacher is not None else None
+    if callable(given):   # computed only for a run that trains
+        given = given() if needed else None
+    if given:
         if recipe.augments:
-            raise ValueError("teacher_outputs were given, but the recipe augments: the teacher "
+            raise ValueError("teacher outputs were given, but the recipe augments: the teacher "
                              "must see every augmented batch, so outputs cannot be precomputed")
         n = len(data.train_y) * max(1, recipe.views)
-        if any(len(v) != n for v in teacher_outputs.values()):
-            raise ValueError(f"teacher_outputs must hold one row per training image"
+        if any(len(v) != n for v in given.values()):
+            raise ValueError(f"teacher outputs must hold one row per training image"
                              f"{' and view' if recipe.views else ''} ({n})")
-        return {k: v.to(dev) for k, v in teacher_outputs.items()}, 0.0
+        return {k: v.to(dev) for k, v in given.items()}, 0.0
     if teacher is None or not needed or recipe.augments:
         return None, 0.0
     t0 = time.perf_counter()
-    table = precompute_teacher(teacher, teacher_targets, data, dev, views=views)
-    if teacher_outputs is not None:   # an empty dict to fill: the next run shares this pass
-        teacher_outputs.update(table)
+    table = precompute_teacher(teacher.model, teacher.targets, data, dev, views=views)
+    if given is not None:   # an empty dict to fill: the next run shares this pass
+        given.update(table)
     return table, time.perf_counter() - t0
 
 
@@ -293,19 +309,21 @@ def _progress_bar(show: bool, recipe: Recipe, steps: int, start: int, desc: str)
                 leave=False)
 
 
-def _epoch(epoch, model, run_model, batches, step, opt, sched, scaler, amp, recipe, rank, bar,
-           ckpt, eval_loaders, set_epoch) -> dict:
+def _epoch(tr: _Training, epoch: int, bar) -> dict:
     """One epoch: seeding, :func:`train_epoch`, the per-epoch schedule, evaluation."""
+    r = tr.recipe
     # Every random draw of an epoch (batch order, augmentation, dropout) follows from
     # (seed, epoch), so a run resumed at this epoch repeats it bit for bit.
-    torch.manual_seed(recipe.seed * 100_003 + epoch + 7_919 * rank)  # own dropout per process
-    set_epoch(epoch)
-    lr = opt.param_groups[0]["lr"]
+    torch.manual_seed(r.seed * 100_003 + epoch + 7_919 * tr.rank)  # own dropout per process
+    tr.train.set_epoch(epoch)
+    lr = tr.opt.param_groups[0]["lr"]
     t0 = time.perf_counter()
     try:
-        means = train_epoch(run_model, batches, step, opt, amp=amp, scaler=scaler, bar=bar,
-                            scheduler=sched if recipe.schedule == "onecycle" else None)
+        means = train_epoch(tr.run_model, tr.batches(), tr.step, tr.opt, amp=tr.amp,
+                            scaler=tr.scaler, bar=bar, progress=Progress(epoch, r.epochs),
+                            scheduler=tr.sched if r.schedule == "onecycle" else None)
     except TrainingDiverged as e:
+        ckpt = tr.files.checkpoint
         kept = (f"the last good checkpoint {ckpt} is kept" if ckpt.is_file()
                 else "no checkpoint was written yet")
         raise TrainingDiverged(
@@ -313,36 +331,43 @@ def _epoch(epoch, model, run_model, batches, step, opt, sched, scaler, amp, reci
             f"{kept}. Lower the learning rate or check the inputs.", e.value, e.step) from None
     means = {k: (dist.all_sum(v.detach().cpu()) / dist.world().size).item() for k, v in means.items()}
     train_loss = means.pop("loss")
-    if sched is not None and recipe.schedule != "onecycle":
-        sched.step()
-    test_loader, val_loader = eval_loaders
-    ev = evaluate_exits(model, test_loader, amp)
-    row = {"epoch": epoch + 1, "train_loss": train_loss, "test_acc": ev["acc"], "lr": lr}
+    if tr.sched is not None and r.schedule != "onecycle":
+        tr.sched.step()
+    row = {"epoch": epoch + 1, "train_loss": train_loss, **_evaluation(tr), "lr": lr}
     if means:  # the step's named terms, each averaged over the epoch
         row["loss_terms"] = means
-    if "exit_acc" in ev:
-        row.update(exit_acc=ev["exit_acc"], ensemble_acc=ev["ensemble_acc"])
-    if val_loader is not None:
-        row["val_acc"] = evaluate_exits(model, val_loader, amp)["acc"]
     row["seconds"] = time.perf_counter() - t0
     if bar is not None:
-        bar.set_postfix(epoch=epoch + 1, loss=f"{train_loss:.3f}", acc=f"{ev['acc']:.2f}")
+        bar.set_postfix(epoch=epoch + 1, loss=f"{train_loss:.3f}", acc=f"{row['test_acc']:.2f}")
     return row
 
 
-def _save(files: RunFiles, model, opt, sched, scaler, history, extra_s, select) -> None:
+def _evaluation(tr: _Training) -> dict:
+    """Test accuracy (every exit's and their ensemble's for a multi-exit model) and, with a
+    held-out set, validation accuracy."""
+    test, val = tr.evals
+    ev = evaluate_exits(tr.model, test, tr.amp)
+    row = {"test_acc": ev["acc"]}
+    if "exit_acc" in ev:
+        row.update(exit_acc=ev["exit_acc"], ensemble_acc=ev["ensemble_acc"])
+    if val is not None:
+        row["val_acc"] = evaluate_exits(tr.model, val, tr.amp)["acc"]
+    return row
+
+
+def _save(tr: _Training, select: str) -> None:
     """The epoch's checkpoint, and the best-validation weights when this epoch is the first
     with the best held-out accuracy (ties keep the earlier one)."""
-    if select == "val" and history[-1]["val_acc"] > max(
-            (h["val_acc"] for h in history[:-1]), default=-1.0):
-        files.save_best(model, len(history))
-    files.save(model, opt, sched, scaler, history, extra_s)
+    h = tr.history
+    if select == "val" and h[-1]["val_acc"] > max((e["val_acc"] for e in h[:-1]), default=-1.0):
+        tr.files.save_best(tr.model, len(h))
+    tr.files.save(tr.model, tr.opt, tr.sched, tr.scaler, h, tr.extra_s)
 
 
-def _finish(files: RunFiles, model, data, recipe, history, start, extra_s, dev, setting, speed,
-            w, select, **identity) -> Run:
+def _finish(tr: _Training, data, setting, speed, w, select, identity: dict) -> Run:
     """The run's record (written by rank 0) with the selected weights loaded; a finished run
     that was only reloaded keeps the record that says how it was made."""
+    files, history, recipe = tr.files, tr.history, tr.recipe
     extra = {"speed": speed_record(setting, compile=speed.compile), "code": files.code}
     if w.distributed:
         extra["processes"] = w.size
@@ -350,15 +375,15 @@ def _finish(files: RunFiles, model, data, recipe, history, start, extra_s, dev, 
         extra.update(exit_acc=history[-1]["exit_acc"], ensemble_acc=history[-1]["ensemble_acc"])
     if select == "val":
         best = max(range(len(history)), key=lambda i: (history[i]["val_acc"], -i))
-        files.load_best(model, dev)
+        files.load_best(tr.model, tr.device)
         extra.update(selected_epoch=best + 1, select="val", val_acc=history[best]["val_acc"])
-    existing = files.existing_record(history) if start == recipe.epochs and w.main else None
+    existing = files.existing_record(history) if tr.start == recipe.epochs and w.main else None
     if existing is not None:
-        return Run(model, existing, files.checkpoint, files.record_path, start)
-    record = make_record(**identity, device=dev, data=data, recipe=recipe, history=history,
-                         model=model, key=files.key,
-                         wall_time_s=sum(h["seconds"] for h in history) + extra_s, extra=extra)
+        return Run(tr.model, existing, files.checkpoint, files.record_path, tr.start)
+    record = make_record(**identity, device=tr.device, data=data,
+                         recipe=recipe, history=history, model=tr.model, key=files.key,
+                         wall_time_s=sum(h["seconds"] for h in history) + tr.extra_s, extra=extra)
     if select == "val":
         record["test_acc"] = history[best]["test_acc"]
     path = files.write_record(record) if w.main else None
-    return Run(model, record, files.checkpoint, path, resumed_from_epoch=start)
+    return Run(tr.model, record, files.checkpoint, path, resumed_from_epoch=tr.start)

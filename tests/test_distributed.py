@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import kdutils as kd
+from kdutils import book
 
 WORKER = textwrap.dedent("""
     import json, sys, time, torch, kdutils as kd
@@ -38,9 +39,10 @@ WORKER = textwrap.dedent("""
     model = kd.models.build("lightnn", seed=1)
     model.classifier[2].p = 0.0  # no dropout: its masks cannot coincide between 1 and 2 processes
     t0 = time.perf_counter()
+    options = kd.settings.RunOptions(device="cpu", ckpt_dir=out + "/ck", results_dir=out + "/res",
+                                     progress=False)
     run = kd.train.fit(model, data, kd.train.Recipe(epochs=epochs, batch_size=32, augment=True, seed=4),
-                       chapter="t", method="ce", device="cpu", ckpt_dir=out + "/ck",
-                       results_dir=out + "/res", progress=False)
+                       chapter="t", method="ce", options=options)
     json.dump({"rank": w.rank, "world": w.size, "seen": seen, "history": run.record["history"],
                "resumed_from": run.resumed_from_epoch, "seconds": time.perf_counter() - t0,
                "weights": {k: v.tolist() for k, v in run.model.state_dict().items()}},
@@ -142,7 +144,7 @@ def test_killed_distributed_run_resumes_to_the_uninterrupted_result(worker, tmp_
 
 def test_recipe_command_line_runs_a_chapter_under_torchrun(tmp_path):
     env_dirs = ["--ckpt_dir", str(tmp_path / "ck"), "--results_dir", str(tmp_path / "res")]
-    proc = subprocess.run(_torchrun(2, "-m", "kdutils.recipes", "baseline", "--profile", "smoke",
+    proc = subprocess.run(_torchrun(2, "-m", "kdutils.book", "baseline", "--profile", "smoke",
                                     "--seeds", "0", "--progress", "False", *env_dirs),
                           capture_output=True, text=True, timeout=600, env=_env(), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -155,12 +157,15 @@ def test_recipe_command_line_runs_a_chapter_under_torchrun(tmp_path):
 
 def test_recipe_command_line_checks_parameters_before_starting(monkeypatch):
     monkeypatch.delenv("KD_PROFILE", raising=False)
-    proc = subprocess.run([sys.executable, "-m", "kdutils.recipes", "hinton_kd", "--alpha", "1.5"],
+    proc = subprocess.run([sys.executable, "-m", "kdutils.book", "hinton_kd", "--alpha", "1.5"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "parameter 'alpha' = 1.5 is not allowed: it must be a number in [0, 1]" in proc.stderr
-    name, P = kd.recipes.parse(["resnet_kd", "--profile", "cpu", "--seeds", "3", "4", "--T", "2"])
-    assert name == "resnet_kd" and P.seeds == [3, 4] and P.T == 2.0 and P.epochs == 3
+    name, P = book.cli.parse(["resnet50_to_resnet18", "--profile", "cpu", "--seeds", "3", "4", "--T", "2"])
+    assert name == "resnet50_to_resnet18" and P.seeds == [3, 4] and P.T == 2.0 and P.epochs == 3
+    proc = subprocess.run([sys.executable, "-m", "kdutils.book", "hinton"],   # the old name
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "invalid choice: 'hinton'" in proc.stderr
 
 
 def test_shard_rejects_a_batch_that_does_not_split_evenly():

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import kdutils as kd
+from kdutils import book
 from kdutils.checkpoint import atomic_save, load_checkpoint
 from kdutils.data import ImageData
 from kdutils.fingerprint import changed, code_fingerprint
+from kdutils.settings import RunOptions
 from kdutils.train import Recipe, fit
 
 STEP = '''
@@ -97,8 +99,8 @@ def test_a_fingerprint_follows_the_code_a_step_calls_and_ignores_comments_and_do
 
 def test_a_run_whose_loss_changed_trains_again_and_one_whose_comments_changed_reloads(
         module, tiny, tmp_path, capsys):
-    dirs = dict(ckpt_dir=str(tmp_path / "ckpt"), results_dir=str(tmp_path / "results"),
-                progress=False)
+    dirs = {"options": RunOptions(ckpt_dir=str(tmp_path / "ckpt"), results_dir=str(tmp_path / "results"),
+                                  progress=False)}
 
     def train(m):
         return fit(kd.models.build("lightnn", seed=0), tiny, Recipe(epochs=2, batch_size=32),
@@ -137,12 +139,13 @@ def test_an_edited_teacher_recipe_code_trains_the_strong_teacher_again(tmp_path,
     y = torch.arange(120) % 10
     x = torch.randint(0, 256, (120, 3, 32, 32), dtype=torch.uint8, generator=g)
     data = ImageData(x[:80], y[:80], x[80:], y[80:], kd.data.CIFAR10_CLASSES, "synthetic")
-    dirs = dict(ckpt_dir=str(tmp_path / "c"), results_dir=str(tmp_path / "r"), progress=False)
-    r = kd.airbench.AirbenchRecipe(epochs=1, batch_size=40, seed=0)
-    first = kd.airbench.train_airbench(data, r, profile="t", **dirs)
-    assert "kdutils.airbench._airbench_epoch" in first.record["code"]
-    assert kd.airbench.train_airbench(data, r, profile="t", **dirs).resumed_from_epoch == 1
-    real = kd.airbench.lr_factor
-    monkeypatch.setattr(kd.airbench, "lr_factor", lambda step, total: 0.5 * real(step, total))
-    again = kd.airbench.train_airbench(data, r, profile="t", **dirs)
+    options = RunOptions(profile="t", ckpt_dir=str(tmp_path / "c"), results_dir=str(tmp_path / "r"),
+                         progress=False)
+    r = book.airbench.AirbenchRecipe(epochs=1, batch_size=40, seed=0)
+    first = book.airbench.train_airbench(data, r, options=options)
+    assert "kdutils.book.airbench._airbench_epoch" in first.record["code"]
+    assert book.airbench.train_airbench(data, r, options=options).resumed_from_epoch == 1
+    real = book.airbench.lr_factor
+    monkeypatch.setattr(book.airbench, "lr_factor", lambda step, total: 0.5 * real(step, total))
+    again = book.airbench.train_airbench(data, r, options=options)
     assert again.resumed_from_epoch == 0 and "other code" in capsys.readouterr().out

@@ -8,7 +8,9 @@ import torch
 import kdutils as kd
 from kdutils.checkpoint import load_checkpoint
 from kdutils.data import ImageData
-from kdutils.train import Recipe, Speed, choose_layout, choose_precision, cuda_native_bf16
+from kdutils.settings import RunOptions
+from kdutils.speed import Speed, choose_layout, choose_precision, cuda_native_bf16
+from kdutils.train import Recipe
 
 
 def _tiny(n_train=64, n_test=32, seed=0):
@@ -22,7 +24,8 @@ def _tiny(n_train=64, n_test=32, seed=0):
 
 @pytest.fixture
 def dirs(tmp_path):
-    return dict(ckpt_dir=str(tmp_path / "ck"), results_dir=str(tmp_path / "res"), progress=False)
+    return {"options": RunOptions(ckpt_dir=str(tmp_path / "ck"), results_dir=str(tmp_path / "res"),
+                                  progress=False)}
 
 
 class _InfGrad(torch.autograd.Function):
@@ -118,11 +121,13 @@ def test_fp16_run_resumes_with_its_scaler_state(dirs, tmp_path):
             raise _Interrupt
         return loss
 
-    kw = dict(chapter="t", method="ce", speed=Speed(amp="fp16"), progress=False)
+    kw = dict(chapter="t", method="ce", speed=Speed(amp="fp16"))
     whole = kd.train.fit(kd.models.build("lightnn", seed=1), data, recipe, step=step,
-                         ckpt_dir=str(tmp_path / "a"), results_dir=str(tmp_path / "ra"), **kw)
+                         options=RunOptions(ckpt_dir=str(tmp_path / "a"), results_dir=str(tmp_path / "ra"),
+                                            progress=False), **kw)
     calls["n"] = 0
-    b = dict(ckpt_dir=str(tmp_path / "b"), results_dir=str(tmp_path / "rb"))
+    b = dict(options=RunOptions(ckpt_dir=str(tmp_path / "b"), results_dir=str(tmp_path / "rb"),
+                                progress=False))
     with pytest.raises(_Interrupt):
         kd.train.fit(kd.models.build("lightnn", seed=1), data, recipe,
                      step=kd.fingerprint.watching(step)(lambda *a: step(*a, interrupt=True)), **b, **kw)

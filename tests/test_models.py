@@ -38,7 +38,8 @@ def test_build_does_not_touch_the_global_random_state():
 
 
 def test_hint_student_starts_from_the_plain_students_weights():
-    hint = methods._hint_model(7)
+    hint = methods.METHODS["hint"].wrap(models.build("lightnn", seed=7), 7)
+    assert isinstance(hint, methods.HintStudent)
     plain = models.build("lightnn", seed=7)
     assert all(torch.equal(p, q) for p, q in zip(hint.student.parameters(), plain.parameters()))
     assert models.count_params(hint) - models.count_params(plain) == 16 * 32 * 9 + 32

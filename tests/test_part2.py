@@ -1,19 +1,18 @@
 """Part II: the loop's new parts (exits, held-out selection, one-cycle, augmentation, speed
 switches), the self-distillation and feature-KD steps, the pretrained teacher's fallback."""
-import json
-from dataclasses import asdict
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import kdutils as kd
+from kdutils import book
 from kdutils.data import ImageData, random_erasing
-from kdutils.train import Recipe, Speed, evaluate_exits, fit, run_key
-
-ROOT = Path(__file__).resolve().parents[1]
+from kdutils.loop import evaluate_exits
+from kdutils.losses import total
+from kdutils.settings import RunOptions
+from kdutils.speed import Speed
+from kdutils.train import Recipe, fit
 
 
 def _tiny(n_train=64, n_test=40, seed=0):
@@ -29,41 +28,10 @@ def dirs(tmp_path):
     return dict(ckpt_dir=str(tmp_path / "ck"), results_dir=str(tmp_path / "res"), progress=False)
 
 
-# ---- run keys: Part I's committed runs keep their names -------------------------------------
-
-def test_committed_records_keep_their_run_keys():
-    fields = set(Recipe.__dataclass_fields__)
-    records = [json.loads(p.read_text()) for p in sorted((ROOT / "results").rglob("*.json"))]
-    records = [r for r in records if "run_key" in r]  # not the benchmark's tables
-    assert len(records) >= 13, "the committed run records are missing"
-    for r in records:
-        if r["method"] == "airbench":  # the strong teacher has a recipe of its own
-            recipe = kd.airbench.AirbenchRecipe(**{**r["params"], "widths": tuple(r["params"]["widths"])})
-            key = run_key(chapter="teacher", method="airbench", recipe=asdict(recipe),
-                          data=r["data_source"], train=r["train_size"], test=r["test_size"],
-                          model="AirbenchNet")
-            assert key == r["run_key"], "teacher/airbench"
-            continue
-        recipe = Recipe(**{k: v for k, v in r["params"].items() if k in fields})
-        weights = {k: v for k, v in r["params"].items() if k not in fields}
-        # records older than the "train_model" field name the deployed network; the trained
-        # module (the key's) then is the one with the training-only part
-        trained = r.get("train_model") or {"hint": "HintStudent", "hooks": "HookSelfDistill",
-                                           "hook_sd": "HookSelfDistill",
-                                           "feature-kd": "FeatureKDStudent"}.get(r["method"], r["model"])
-        key = run_key(chapter=r["chapter"], method=r["method"], recipe=recipe.key(), params=weights,
-                      data=r["data_source"], train=r["train_size"], test=r["test_size"],
-                      teacher=r["teacher_key"], model=trained)
-        assert key == r["run_key"], r["chapter"] + "/" + r["method"]
-
-
-def test_recipe_key_adds_later_fields_only_when_set():
-    assert "autoaugment" not in Recipe(epochs=1).key() and "erasing" not in Recipe(epochs=1).key()
-    assert Recipe(epochs=1, autoaugment=True, erasing=0.5).key()["erasing"] == 0.5
-    with pytest.raises(ValueError, match="erasing must be a probability"):
-        Recipe(epochs=1, erasing=1.5)
-    with pytest.raises(ValueError, match="schedule must be one of"):
-        Recipe(epochs=1, schedule="step")
+@pytest.fixture
+def opts(dirs):
+    """The run options of :func:`dirs`: a temporary folder, no progress bars."""
+    return RunOptions(**dirs)
 
 
 # ---- exits and the ensemble -----------------------------------------------------------------
@@ -97,16 +65,17 @@ def test_evaluate_exits_reports_each_exit_and_the_softmax_ensemble():
     assert out["ensemble_acc"] == 75.0  # image 3: exit 1's confident wrong answer wins
 
 
-def test_multi_exit_run_records_every_exit(dirs):
+def test_multi_exit_run_records_every_exit(opts, monkeypatch):
+    monkeypatch.delenv("KD_KEEP_MEMORY", raising=False)   # keeping freed memory is opt-in
     data = _tiny(32, 20)
     recipe = Recipe(epochs=1, batch_size=16, lr=0.01, optimizer="sgd", augment=True)
     run = fit(kd.models.build("resnet18_multiexit", seed=0), data, recipe, chapter="t",
-              method="byot", step=kd.methods.byot_step, **dirs)
+              method="byot", step=kd.methods.byot_step, options=opts)
     assert len(run.record["exit_acc"]) == 4
     assert run.record["test_acc"] == run.record["exit_acc"][-1]
     assert 0 <= run.record["ensemble_acc"] <= 100
     assert run.record["speed"] == {"channels_last": False, "amp": "off", "compile": False,   # CPU defaults
-                                   "keep_memory": kd.speed.has_glibc()}   # kept where it can be
+                                   "keep_memory": kd.speed.freed_memory_kept()}   # only if asked
 
 
 # ---- held-out selection ---------------------------------------------------------------------
@@ -123,10 +92,10 @@ def test_holdout_is_disjoint_seeded_and_leaves_test_alone():
             data.holdout(bad)
 
 
-def test_select_val_keeps_the_best_held_out_epoch_not_the_last(dirs, monkeypatch):
+def test_select_val_keeps_the_best_held_out_epoch_not_the_last(opts, monkeypatch):
     data = _tiny(80, 40).holdout(20)
     scripted = iter([10.0, 60.0, 30.0] * 2)  # held-out accuracy per epoch: best is epoch 2
-    real = kd.train.evaluate_exits
+    real = kd.loop.evaluate_exits
     saved = {}
 
     def fake(model, loader, amp=None):
@@ -135,23 +104,23 @@ def test_select_val_keeps_the_best_held_out_epoch_not_the_last(dirs, monkeypatch
             out["acc"] = next(scripted)
             saved[len(saved)] = {k: v.clone() for k, v in model.state_dict().items()}
         return out
-    monkeypatch.setattr(kd.train, "evaluate_exits", fake)
+    monkeypatch.setattr(kd.train, "evaluate_exits", fake)   # what fit's evaluation calls
     run = fit(kd.models.build("lightnn", seed=0), data, Recipe(epochs=3, batch_size=20), chapter="t",
-              method="ce", select="val", **dirs)
+              method="ce", select="val", options=opts)
     assert run.record["selected_epoch"] == 2 and run.record["val_acc"] == 60.0
     assert run.record["test_acc"] == run.record["history"][1]["test_acc"]
     assert all(torch.equal(v, saved[1][k]) for k, v in run.model.state_dict().items())
     with pytest.raises(ValueError, match="select='val' needs a held-out set"):
         fit(kd.models.build("lightnn"), _tiny(), Recipe(epochs=1), chapter="t", method="ce",
-            select="val", **dirs)
+            select="val", options=opts)
 
 
 # ---- schedule and augmentation --------------------------------------------------------------
 
-def test_onecycle_rises_then_falls_per_step(dirs):
+def test_onecycle_rises_then_falls_per_step(opts):
     run = fit(kd.models.build("lightnn", seed=0), _tiny(64, 20),
               Recipe(epochs=4, batch_size=16, lr=0.1, optimizer="sgd", schedule="onecycle"),
-              chapter="t", method="ce", **dirs)
+              chapter="t", method="ce", options=opts)
     lrs = [h["lr"] for h in run.record["history"]]  # the learning rate at the start of each epoch
     assert lrs[0] == pytest.approx(0.1 / 25) and lrs[1] > lrs[0] and lrs[3] < lrs[2]
 
@@ -187,12 +156,13 @@ def test_hook_self_distillation_trains_its_projection_and_weight_zero_is_ce():
     torch.manual_seed(0)
     model = kd.methods.HookSelfDistill(kd.models.build("resnet18"))
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
-    loss = kd.methods.hook_sd_step(model, x, y, None, hook_weight=0.5)
-    loss.backward()
+    terms = kd.methods.hook_sd_step(model, x, y, None, hook_weight=0.5)
+    assert list(terms) == ["hook", "ce"]
+    total(terms).backward()
     assert model.proj.weight.grad.abs().sum() > 0
     assert any(p is model.proj.weight for p in kd.train.make_optimizer(model, Recipe(epochs=1)).param_groups[0]["params"])
     model.eval()
-    assert kd.methods.hook_sd_step(model, x, y, None, hook_weight=0.0).item() == pytest.approx(
+    assert total(kd.methods.hook_sd_step(model, x, y, None, hook_weight=0.0)).item() == pytest.approx(
         F.cross_entropy(model(x), y).item(), rel=1e-6)
     assert kd.models.count_params(model) - kd.models.count_params(model.deployed) == 128 * 512 + 512
     assert all(not m._forward_hooks for m in model.modules())
@@ -203,7 +173,7 @@ def test_hook_term_teaches_the_shallow_layers_and_sends_no_gradient_into_layer3_
     model = kd.methods.HookSelfDistill(kd.models.build("resnet18"))
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     # the hook term alone: total loss at weight 1 (no cross-entropy)
-    kd.methods.hook_sd_step(model, x, y, None, hook_weight=1.0).backward()
+    total(kd.methods.hook_sd_step(model, x, y, None, hook_weight=1.0)).backward()
 
     def grad_norm(module):
         return sum(p.grad.abs().sum().item() for p in module.parameters() if p.grad is not None)
@@ -214,7 +184,7 @@ def test_hook_term_teaches_the_shallow_layers_and_sends_no_gradient_into_layer3_
     assert grad_norm(model.proj) > 0
     # ... and with cross-entropy, layer3 and layer4 learn from the labels only
     model.zero_grad(set_to_none=True)
-    kd.methods.hook_sd_step(model, x, y, None, hook_weight=0.5).backward()
+    total(kd.methods.hook_sd_step(model, x, y, None, hook_weight=0.5)).backward()
     mixed = [p.grad.clone() for p in model.net.layer4.parameters()]
     model.zero_grad(set_to_none=True)
     (0.5 * F.cross_entropy(model(x), y)).backward()
@@ -224,13 +194,14 @@ def test_hook_term_teaches_the_shallow_layers_and_sends_no_gradient_into_layer3_
 
 def test_feature_kd_matches_shapes_and_only_the_student_learns():
     torch.manual_seed(0)
-    teacher = kd.train.freeze(kd.models.build("resnet18"))
+    teacher = kd.loop.freeze(kd.models.build("resnet18"))
     student = kd.methods.FeatureKDStudent(kd.models.SmallCNN(image_size=32))
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     t = kd.methods.feature_targets(teacher, x)
     assert tuple(t["map"].shape) == (4, 512, 4, 4)
-    loss = kd.methods.feature_kd_step(student, x, y, t, feature_weight=0.3)
-    loss.backward()
+    terms = kd.methods.feature_kd_step(student, x, y, t, feature_weight=0.3)
+    assert list(terms) == ["ce", "feature"]
+    total(terms).backward()
     assert student.proj.weight.grad.abs().sum() > 0 and student.student.features[0].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
     s, m = kd.methods.match_maps(torch.zeros(1, 512, 14, 14), torch.zeros(1, 512, 7, 7))
@@ -258,22 +229,22 @@ def test_pretrained_teacher_falls_back_to_the_books_own_teacher_when_offline(dir
     monkeypatch.setattr(torchvision.models, "resnet18", offline)
     with pytest.raises(kd.models.WeightsUnavailable, match="teacher_weights='none'"):
         kd.models.pretrained_resnet18()
-    P = kd.params.check("pretrained", profile="smoke", **dirs)  # CIFAR-10 at 32 px
+    P = book.chapters.check("pretrained_teacher", profile="smoke", **dirs)  # CIFAR-10 at 32 px
     data = _tiny(64, 20)
     x = kd.data.normalize(data.train_x[:4], data.mean, data.std)
 
     # CIFAR-10 at 32 px: chapter 6's airbench network, whose named layer feature KD can match
-    chosen = kd.teachers.pretrained_teacher(P, data)
+    chosen = book.teachers.pretrained_teacher(P, data)
     assert "book's own CIFAR-10 teacher" in capsys.readouterr().out
-    assert chosen.how == "airbench" and isinstance(chosen.run.model, kd.airbench.AirbenchNet)
+    assert chosen.how == "airbench" and isinstance(chosen.run.model, book.airbench.AirbenchNet)
     assert chosen.run.record["epochs"] == P.teacher_epochs and chosen.run.record["train_size"] == 64
     feature_map = kd.methods.feature_targets(chosen.run.model, x, layer=chosen.layer)["map"]
     assert (chosen.layer, chosen.channels, feature_map.shape[1]) == ("groups.2", 256, 256)
     assert not any(p.requires_grad for p in chosen.run.model.parameters())  # loaded frozen
 
     # any other data: a ResNet18 trained from scratch on the chapter's own images
-    other = kd.params.Params({**P, "dataset": "stl10"})
-    chosen = kd.teachers.pretrained_teacher(other, data)
+    other = book.params.Params({**P, "dataset": "stl10"})
+    chosen = book.teachers.pretrained_teacher(other, data)
     assert "Falling back to a ResNet18 trained from scratch" in capsys.readouterr().out
     assert chosen.how == "scratch" and chosen.run.record["epochs"] == P.teacher_epochs
     feature_map = kd.methods.feature_targets(chosen.run.model, x, layer=chosen.layer)["map"]
@@ -295,63 +266,65 @@ def test_chapter_10_without_imagenet_weights_asks_for_chapter_6s_own_teacher(mon
 
     monkeypatch.delenv("KD_PROFILE", raising=False)  # the suite forces smoke otherwise
     monkeypatch.setattr(kd.data, "load_cifar10", lambda data_dir=None, **k: everything)
-    monkeypatch.setattr(kd.airbench, "get_strong_teacher", strong_teacher)
-    P = kd.params.check("pretrained", profile="cpu", teacher_weights="none", **dirs)
+    monkeypatch.setattr(book.airbench, "get_strong_teacher", strong_teacher)
+    P = book.chapters.check("pretrained_teacher", profile="cpu", teacher_weights="none", **dirs)
     with pytest.raises(Asked):
-        kd.teachers.pretrained_teacher(P, _tiny(32, 20))
-    ch6 = kd.params.check("pays", **dirs)
+        book.teachers.pretrained_teacher(P, _tiny(32, 20))
+    ch6 = book.chapters.check("when_distillation_pays", **dirs)
     assert asked["data"] is everything
-    assert asked["recipe"] == kd.airbench.AirbenchRecipe(epochs=ch6.teacher_epochs)
-    assert {k: asked[k] for k in kd.settings.RUN_OPTIONS} == kd.settings.run_options(ch6)
+    assert asked["recipe"] == book.airbench.AirbenchRecipe(epochs=ch6.teacher_epochs)
+    assert asked["options"] == kd.settings.run_options(ch6)
 
 
 def test_part_two_profiles(monkeypatch):
     monkeypatch.delenv("KD_PROFILE", raising=False)  # the suite forces smoke otherwise
-    cpu = kd.params.check("resnet", profile="cpu")
+    cpu = book.chapters.check("resnet50_to_resnet18", profile="cpu")
     assert (cpu.train_size, cpu.epochs, cpu.teacher_epochs, cpu.seeds, cpu.schedule) == (5000, 3, 1, [0, 1, 2], "onecycle")
     # its teacher learns from every training image; everything is tested on every test image
     assert (cpu.teacher_train_size, cpu.test_size) == (None, None)
-    assert "teacher_train_size" not in kd.params.check("resnet", profile="smoke")
-    assert "teacher_train_size" not in kd.params.check("selfdistill", profile="cpu")
-    assert kd.params.check("resnet").epochs == 200
-    assert kd.params.check("pretrained", profile="cpu").dataset == "cifar10"
-    with pytest.raises(kd.params.ParameterError, match=r"parameter 'profile' = 'cpu' is not allowed: it must be one of 'full', 'smoke'"):
-        kd.params.check("hinton", profile="cpu")
-    with pytest.raises(kd.params.ParameterError, match="parameter 'amp' = 'fp8'"):
-        kd.params.check("resnet", amp="fp8")
+    assert "teacher_train_size" not in book.chapters.check("resnet50_to_resnet18", profile="smoke")
+    assert "teacher_train_size" not in book.chapters.check("self_distillation", profile="cpu")
+    assert book.chapters.check("resnet50_to_resnet18").epochs == 200
+    assert book.chapters.check("pretrained_teacher", profile="cpu").dataset == "cifar10"
+    with pytest.raises(book.params.ParameterError, match=r"parameter 'profile' = 'cpu' is not allowed: it must be one of 'full', 'smoke'"):
+        book.chapters.check("hinton_kd", profile="cpu")
+    with pytest.raises(book.params.ParameterError, match="parameter 'amp' = 'fp8'"):
+        book.chapters.check("resnet50_to_resnet18", amp="fp8")
 
 
 def test_chapter_8_teacher_learns_from_the_images_its_profile_gives_it(monkeypatch):
     monkeypatch.delenv("KD_PROFILE", raising=False)
     data, loaded, asked = _tiny(), [], {}
-    monkeypatch.setattr(kd.recipes, "load_data", lambda P, train_size="students": loaded.append(train_size) or "all")
-    smoke, cpu = kd.params.check("resnet", profile="smoke"), kd.params.check("resnet", profile="cpu")
-    assert kd.recipes.teacher_data(smoke, data) is data and loaded == []   # the students' images
-    assert kd.recipes.teacher_data(cpu, data) == "all" and loaded == [None]  # every training image
-    monkeypatch.setattr(kd.teachers, "get_teacher", lambda name, d, recipe, **kw: asked.update(
-        name=name, data=d, epochs=recipe.epochs, test=kw["profile"]))
-    kd.recipes.resnet_teacher(cpu, data)
+    monkeypatch.setattr(book.recipes, "load_data", lambda P, train_size="students": loaded.append(train_size) or "all")
+    smoke = book.chapters.check("resnet50_to_resnet18", profile="smoke")
+    cpu = book.chapters.check("resnet50_to_resnet18", profile="cpu")
+    assert book.recipes.teacher_data(smoke, data) is data and loaded == []   # the students' images
+    assert book.recipes.teacher_data(cpu, data) == "all" and loaded == [None]  # every training image
+    monkeypatch.setattr(book.teachers, "get_teacher", lambda name, d, recipe, **kw: asked.update(
+        name=name, data=d, epochs=recipe.epochs, test=kw["options"].profile))
+    book.recipes.resnet_teacher(cpu, data)
     assert asked == {"name": "resnet50", "data": "all", "epochs": 1, "test": "cpu"}
 
 
 def test_a_chapters_setup_checks_its_parameters_loads_its_images_and_fills_its_box(monkeypatch, capsys):
     monkeypatch.delenv("KD_PROFILE", raising=False)
     loaded, glued = [], {}
-    monkeypatch.setattr(kd.recipes, "load_data", lambda P: loaded.append((P.train_size, P.test_size)) or _tiny())
-    monkeypatch.setattr(kd.notebook, "glue", lambda name, value, display=False: glued.update({name: value}))
-    notebook = {**kd.params.DEFAULTS["resnet"], "profile": "cpu", "device": "cpu", "In": [""]}
-    P, data = kd.notebook.setup(notebook, chapter="resnet", box="c7")
+    monkeypatch.setattr(book.recipes, "load_data", lambda P: loaded.append((P.train_size, P.test_size)) or _tiny())
+    monkeypatch.setattr(book.notebook, "glue", lambda name, value, display=False: glued.update({name: value}))
+    notebook = {**book.chapters.CHAPTERS["resnet50_to_resnet18"].defaults, "profile": "cpu", "device": "cpu",
+                "In": [""]}
+    P, data = book.notebook.setup(notebook, chapter="resnet50_to_resnet18", box="c7")
     assert (P.profile, P.seeds, P.epochs) == ("cpu", [0, 1, 2], 3) and len(data.train_y) == 64
     assert loaded == [(5000, None)]                      # the cpu profile's images, every test image
     assert glued.pop("c7_device").startswith("cpu (")
     assert glued == {"c7_profile": "cpu", "c7_train_size": 64, "c7_test_size": 40,
-                     "c7_profile_says": kd.params.profile_note("cpu")}
+                     "c7_profile_says": book.params.profile_note("cpu")}
     assert "profile=cpu, epochs=3, seeds=[0, 1, 2]" in capsys.readouterr().out
     glued.clear()
-    kd.notebook.setup(notebook, chapter="resnet")        # no box: nothing glued
+    book.notebook.setup(notebook, chapter="resnet50_to_resnet18")   # no box: nothing glued
     assert glued == {} and len(loaded) == 2
-    with pytest.raises(kd.params.ParameterError, match="alpah"):  # a misspelt papermill -p name
-        kd.notebook.setup({**notebook, "alpah": 0.5}, chapter="resnet")
+    with pytest.raises(book.params.ParameterError, match="alpah"):  # a misspelt papermill -p name
+        book.notebook.setup({**notebook, "alpah": 0.5}, chapter="resnet50_to_resnet18")
     assert len(loaded) == 2                               # caught before any image is read
 
 

@@ -1,5 +1,6 @@
-"""The strong teacher (kdutils.airbench) and the regimes of chapter 6 (kdutils.regimes)."""
+"""The strong teacher (kdutils.book.airbench) and the regimes of chapter 6 (kdutils.book.regimes)."""
 import json
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -7,8 +8,11 @@ import torch
 import torch.nn.functional as F
 
 import kdutils as kd
-from kdutils import airbench, regimes
+from kdutils import book
+from kdutils.book import airbench, regimes
 from kdutils.data import ImageData
+from kdutils.loop import Teacher
+from kdutils.settings import RunOptions
 
 
 def _tiny(n_train=96, n_test=40, seed=0):
@@ -22,7 +26,8 @@ def _tiny(n_train=96, n_test=40, seed=0):
 
 @pytest.fixture
 def dirs(tmp_path):
-    return dict(ckpt_dir=str(tmp_path / "ck"), results_dir=str(tmp_path / "res"), progress=False)
+    return {"options": RunOptions(profile="t", ckpt_dir=str(tmp_path / "ck"),
+                                  results_dir=str(tmp_path / "res"), progress=False)}
 
 
 # ---- the airbench network and recipe --------------------------------------------------------
@@ -133,11 +138,12 @@ def test_teacher_is_evaluated_in_the_precision_it_trained_in():
 def test_strong_teacher_learns_resumes_bitwise_and_is_then_only_loaded(dirs, monkeypatch, capsys):
     data = _tiny(160, 40)
     r = airbench.AirbenchRecipe(epochs=3, batch_size=32, seed=1)
-    whole = airbench.train_airbench(data, r, profile="t", **dirs)
+    whole = airbench.train_airbench(data, r, **dirs)
     assert whole.record["method"] == "airbench" and whole.record["steps"] == 15
     assert whole.record["test_acc"] > 30  # the synthetic signal is learnable
     # a second run, interrupted after its first epoch, then resumed
-    other = {**dirs, "ckpt_dir": dirs["ckpt_dir"] + "2", "results_dir": dirs["results_dir"] + "2"}
+    o = dirs["options"]
+    other = {"options": replace(o, ckpt_dir=o.ckpt_dir + "2", results_dir=o.results_dir + "2")}
     calls = {"n": 0}
     real = airbench.accuracy
 
@@ -149,13 +155,13 @@ def test_strong_teacher_learns_resumes_bitwise_and_is_then_only_loaded(dirs, mon
         return real(*a, **k)
     monkeypatch.setattr(airbench, "accuracy", stop_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
-        airbench.train_airbench(data, r, profile="t", **other)
+        airbench.train_airbench(data, r, **other)
     monkeypatch.setattr(airbench, "accuracy", real)
-    resumed = airbench.train_airbench(data, r, profile="t", **other)
+    resumed = airbench.train_airbench(data, r, **other)
     assert resumed.resumed_from_epoch == 1
     for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
-    again = airbench.get_strong_teacher(data, r, profile="t", **dirs)
+    again = airbench.get_strong_teacher(data, r, **dirs)
     assert again.resumed_from_epoch == 3
     assert again.record == json.loads(json.dumps(whole.record))  # the record as written
     assert not any(p.requires_grad for p in again.model.parameters())
@@ -165,7 +171,7 @@ def test_strong_teacher_learns_resumes_bitwise_and_is_then_only_loaded(dirs, mon
     assert [h["seconds"] for h in foreign["history"]] != [h["seconds"] for h in whole.record["history"]]
     again.record_path.write_text(json.dumps(foreign))
     capsys.readouterr()
-    reloaded = airbench.get_strong_teacher(data, r, profile="t", **dirs)
+    reloaded = airbench.get_strong_teacher(data, r, **dirs)
     assert "described another training" in capsys.readouterr().out
     assert reloaded.record["history"] == json.loads(json.dumps(whole.record))["history"]
     assert json.loads(again.record_path.read_text())["history"] == reloaded.record["history"]
@@ -204,29 +210,33 @@ def test_unlabelled_step_is_hinton_kd_with_labels_only_where_they_exist():
     net = torch.nn.Linear(5, 10)
     x, y, t = torch.randn(8, 5), torch.randint(0, 10, (8,)), torch.randn(8, 10)
     every = torch.ones(8, dtype=torch.bool)
-    full = regimes.kd_unlabelled_step(net, x, y, {"logits": t, "labelled": every}, T=3.0, alpha=0.4)
-    assert full.item() == pytest.approx(kd.losses.kd_loss(net(x), t, y, T=3.0, alpha=0.4).item(), rel=1e-6)
+    step = kd.methods.kd_unlabelled_step
+    full = step(net, x, y, {"logits": t, "labelled": every}, T=3.0, alpha=0.4)
+    assert list(full) == ["kd", "ce"]
+    assert kd.losses.total(full).item() == pytest.approx(
+        kd.losses.kd_loss(net(x), t, y, T=3.0, alpha=0.4).item(), rel=1e-6)
     some = every.clone()
     some[::2] = False
     s = net(x)
-    expected = 0.4 * kd.losses.soft_target_loss(s, t, 3.0) + 0.6 * F.cross_entropy(s[some], y[some])
-    got = regimes.kd_unlabelled_step(net, x, y, {"logits": t, "labelled": some}, T=3.0, alpha=0.4)
-    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
-    none = regimes.kd_unlabelled_step(net, x, y, {"logits": t, "labelled": ~every}, T=3.0, alpha=0.4)
-    assert none.item() == pytest.approx(0.4 * kd.losses.soft_target_loss(s, t, 3.0).item(), rel=1e-6)
+    got = step(net, x, y, {"logits": t, "labelled": some}, T=3.0, alpha=0.4)
+    assert got["kd"].item() == pytest.approx(0.4 * kd.losses.soft_target_loss(s, t, 3.0).item(), rel=1e-6)
+    assert got["ce"].item() == pytest.approx(0.6 * F.cross_entropy(s[some], y[some]).item(), rel=1e-6)
+    none = step(net, x, y, {"logits": t, "labelled": ~every}, T=3.0, alpha=0.4)
+    assert none["ce"].item() == 0.0
+    assert kd.losses.total(none).item() == pytest.approx(0.4 * kd.losses.soft_target_loss(s, t, 3.0).item(), rel=1e-6)
     # the labels of unlabelled images do not matter
     y2 = y.clone()
     y2[~some] = (y2[~some] + 1) % 10
-    again = regimes.kd_unlabelled_step(net, x, y2, {"logits": t, "labelled": some}, T=3.0, alpha=0.4)
-    assert again.item() == got.item()
+    again = step(net, x, y2, {"logits": t, "labelled": some}, T=3.0, alpha=0.4)
+    assert kd.losses.total(again).item() == kd.losses.total(got).item()
 
 
 def test_few_label_runs_train_every_arm_with_the_same_steps_and_record_the_fraction(dirs):
     data = _tiny(100)
-    teacher = kd.teachers.get_teacher("lightnn", data, kd.train.Recipe(epochs=1, batch_size=50),
-                                      profile="t", **dirs)
+    teacher = book.teachers.get_teacher("lightnn", data, kd.train.Recipe(epochs=1, batch_size=50),
+                                      **dirs)
     runs = regimes.few_label_runs(data, teacher, fractions=[0.2, 1.0], seeds=[0], epochs=1,
-                                  batch_size=20, profile="t", **dirs)
+                                  batch_size=20, **dirs)
     got = [(r.record["method"], r.record["params"]["fraction"], r.record["params"]["labelled"])
            for r in runs]
     assert got == [("ce", 0.2, 20), ("kd", 0.2, 20), ("kd_unlabelled", 0.2, 20),
@@ -234,12 +244,12 @@ def test_few_label_runs_train_every_arm_with_the_same_steps_and_record_the_fract
     assert {r.record["train_size"] for r in runs} == {100}
     assert {len(r.record["history"]) for r in runs} == {1}
     assert len({r.record["run_key"] for r in runs}) == 5
-    logits_file = list((kd.settings.ckpt_dir(dirs["ckpt_dir"]) / "teacher").glob("*.logits.pt"))
+    logits_file = list((kd.settings.ckpt_dir(dirs["options"].ckpt_dir) / "teacher").glob("*.logits.pt"))
     assert len(logits_file) == 1
     table = regimes.fraction_table(kd.results.to_frame(runs))
     assert list(table.method) == ["ce", "kd", "kd_unlabelled", "ce", "kd"]
     again = regimes.few_label_runs(data, teacher, fractions=[0.2], seeds=[0], epochs=1,
-                                   batch_size=20, arms=("kd_unlabelled",), profile="t", **dirs)
+                                   batch_size=20, arms=("kd_unlabelled",), **dirs)
     assert again[0].record == runs[2].record  # a finished run is only reloaded
 
 
@@ -277,14 +287,14 @@ def test_agreement_and_kl_with_the_teacher():
 
 def test_runs_that_differ_only_in_a_weight_are_not_averaged_as_seeds(dirs):
     data = _tiny(100)
-    teacher = kd.teachers.get_teacher("lightnn", data, kd.train.Recipe(epochs=1, batch_size=50),
-                                      profile="t", **dirs)
+    teacher = book.teachers.get_teacher("lightnn", data, kd.train.Recipe(epochs=1, batch_size=50),
+                                      **dirs)
     recipe = kd.train.Recipe(epochs=1, batch_size=20)
-    a = kd.methods.train_seeds("kd", data, seeds=[0, 1], recipe=recipe, teacher=teacher, profile="t",
+    a = kd.methods.train_seeds("kd", data, seeds=[0, 1], recipe=recipe, chapter="hinton_kd", teacher=teacher,
                                weights={"T": 2.0}, **dirs)
-    b = kd.methods.train_seeds("kd", data, seeds=[0], recipe=recipe, teacher=teacher, profile="t",
+    b = kd.methods.train_seeds("kd", data, seeds=[0], recipe=recipe, chapter="hinton_kd", teacher=teacher,
                                weights={"T": 4.0}, **dirs)
-    records = kd.results.load_records(dirs["results_dir"], chapter="hinton")
+    records = kd.results.load_records(dirs["options"].results_dir, chapter="hinton_kd")
     table = kd.results.summarize(records).set_index("variant")
     assert list(table["seeds"].sort_index()) == [2, 1]
     assert set(table.index) == {"T=2.0", "T=4.0"}
@@ -302,7 +312,7 @@ def test_records_name_the_architecture_that_trained(dirs):
     assert run.record["model"] == "ResNet" and run.record["arch"] == "resnet18"
     student = kd.methods.HintStudent(kd.models.build("lightnn", seed=0))
     assert kd.models.arch_name(student.deployed) == "lightnn"
-    assert kd.models.arch_name(kd.airbench.build_airbench(0, data)) == "airbench"
+    assert kd.models.arch_name(book.airbench.build_airbench(0, data)) == "airbench"
 
 
 # ---- fixed views: consistent teaching at the cost of a table ---------------------------------
@@ -312,15 +322,15 @@ class _Interrupt(Exception):
 
 
 def _views_teacher(data, dirs):
-    return kd.teachers.get_teacher("lightnn", data, kd.train.Recipe(epochs=1, batch_size=50),
-                                   profile="t", **dirs)
+    return book.teachers.get_teacher("lightnn", data, kd.train.Recipe(epochs=1, batch_size=50),
+                                   **dirs)
 
 
 def test_teacher_table_holds_exactly_the_teachers_output_on_each_view(dirs):
     data = _tiny(60)
     teacher = _views_teacher(data, dirs).model
     views = kd.data.FixedViews.draw(len(data.train_y), 3, seed=2)
-    table = kd.train.precompute_teacher(teacher, kd.methods.kd_targets, data, torch.device("cpu"),
+    table = kd.loop.precompute_teacher(teacher, kd.methods.kd_targets, data, torch.device("cpu"),
                                         batch_size=25, views=views)["logits"]
     assert table.shape == (3 * 60, 10)
     idx = torch.tensor([0, 17, 59])
@@ -361,10 +371,13 @@ def test_run_with_fixed_views_resumes_on_the_same_views(dirs, tmp_path):
     teacher = _views_teacher(data, dirs)
     recipe = kd.train.Recipe(epochs=3, batch_size=16, seed=4, views=4)
     step = kd.methods.kd_step
-    kw = dict(chapter="t", method="kd", teacher=teacher.model, teacher_targets=kd.methods.kd_targets,
-              progress=False)
-    whole = kd.train.fit(kd.models.build("lightnn", seed=4), data, recipe, step=step,
-                         ckpt_dir=str(tmp_path / "a"), results_dir=str(tmp_path / "ra"), **kw)
+    kw = dict(chapter="t", method="kd")
+    teach = Teacher(teacher.model, kd.methods.kd_targets)
+
+    def opts(c, r):
+        return RunOptions(ckpt_dir=str(tmp_path / c), results_dir=str(tmp_path / r), progress=False)
+    whole = kd.train.fit(kd.models.build("lightnn", seed=4), data, recipe, step=step, teacher=teach,
+                         options=opts("a", "ra"), **kw)
     calls = {"n": 0}
 
     @kd.fingerprint.watching(step)   # the same loss: the run's code fingerprint is unchanged
@@ -373,7 +386,7 @@ def test_run_with_fixed_views_resumes_on_the_same_views(dirs, tmp_path):
         if calls["n"] == 6:   # in the middle of epoch 2
             raise _Interrupt
         return step(*args)
-    b = dict(ckpt_dir=str(tmp_path / "b"), results_dir=str(tmp_path / "rb"))
+    b = dict(options=opts("b", "rb"), teacher=teach)
     with pytest.raises(_Interrupt):
         kd.train.fit(kd.models.build("lightnn", seed=4), data, recipe, step=interrupting, **b, **kw)
     resumed = kd.train.fit(kd.models.build("lightnn", seed=4), data, recipe, step=step, **b, **kw)
@@ -386,8 +399,8 @@ def test_run_with_fixed_views_resumes_on_the_same_views(dirs, tmp_path):
     wrong = {"logits": torch.zeros(64, 10)}
     with pytest.raises(ValueError, match="one row per training image and view \\(256\\)"):
         kd.train.fit(kd.models.build("lightnn", seed=4), data, recipe, step=step,
-                     teacher_outputs=wrong, ckpt_dir=str(tmp_path / "c"),
-                     results_dir=str(tmp_path / "rc"), **kw)
+                     teacher=Teacher(teacher.model, kd.methods.kd_targets, outputs=wrong),
+                     options=opts("c", "rc"), **kw)
 
 
 def test_view_runs_teach_the_seen_view_in_kd_and_the_plain_image_in_kd_inconsistent(dirs, monkeypatch):
@@ -395,9 +408,9 @@ def test_view_runs_teach_the_seen_view_in_kd_and_the_plain_image_in_kd_inconsist
     teacher = _views_teacher(data, dirs)
     seen = []
 
-    def recording_kd_step(model, x, y, t, **kw):
+    def recording_kd_step(model, x, y, t, *, T=5.0, alpha=0.5):
         seen.append((x.clone(), t["logits"].clone()))
-        return kd.methods.kd_step(model, x, y, t, **kw)
+        return kd.methods.kd_step(model, x, y, t, T=T, alpha=alpha)
 
     ce_seen = []
 
@@ -405,10 +418,12 @@ def test_view_runs_teach_the_seen_view_in_kd_and_the_plain_image_in_kd_inconsist
         ce_seen.append(x.clone())
         return kd.methods.ce_step(model, x, y, t)
 
-    monkeypatch.setattr(regimes, "kd_step", recording_kd_step)
-    monkeypatch.setattr(regimes, "ce_step", recording_ce_step)
+    registry = kd.methods.METHODS   # the arms' steps come from the registry
+    for arm, step in (("kd", recording_kd_step), ("kd_inconsistent", recording_kd_step),
+                      ("ce", recording_ce_step)):
+        monkeypatch.setitem(registry, arm, registry[arm]._replace(step=step))
     runs = regimes.view_runs(data, teacher, fraction=0.5, views=3, epoch_counts=[1, 2],
-                             seeds=[0], batch_size=25, profile="t", **dirs)
+                             seeds=[0], batch_size=25, **dirs)
     assert [(r.record["method"], r.record["epochs"]) for r in runs] == [
         ("ce", 1), ("kd", 1), ("kd_inconsistent", 1), ("ce", 2), ("kd", 2), ("kd_inconsistent", 2)]
     assert {r.record["train_size"] for r in runs} == {50}
@@ -424,7 +439,7 @@ def test_view_runs_teach_the_seen_view_in_kd_and_the_plain_image_in_kd_inconsist
     assert max(consistent) < 1e-4                      # the teacher's output on this very view
     assert min(inconsistent) > 1e-2                    # not on the view the student sees...
     idx = regimes.label_subset(data.train_y, 0.5, 0)
-    plain = regimes.train_logits(teacher, data, "cpu", dirs["ckpt_dir"])[idx]
+    plain = regimes.train_logits(teacher, data, "cpu", dirs["options"].ckpt_dir)[idx]
     rows = [(t[:, None] - plain[None]).abs().amax(2).min(1).values.max().item()
             for _, t in seen[2:4] + seen[8:]]
     assert max(rows) < 1e-6                            # ...but on the unaugmented image
@@ -443,7 +458,7 @@ def test_view_runs_teach_the_seen_view_in_kd_and_the_plain_image_in_kd_inconsist
         assert row.diff_mean == pytest.approx(long.record["test_acc"] - short.record["test_acc"])
     with pytest.raises(ValueError, match="unknown arm"):
         regimes.view_runs(data, teacher, fraction=0.5, views=3, epoch_counts=[1], seeds=[0],
-                          arms=("mixup",), profile="t", **dirs)
+                          arms=("mixup",), **dirs)
 
 
 def test_temperature_grid_pairs_each_cell_with_cross_entropy(dirs):
@@ -451,7 +466,7 @@ def test_temperature_grid_pairs_each_cell_with_cross_entropy(dirs):
     teacher = _views_teacher(data, dirs)
     runs = regimes.temperature_grid(data, teacher, temperatures=[1.0, 4.0], alphas=[0.5, 0.9],
                                     fraction=0.2, seeds=[0, 1], epochs=1, batch_size=20,
-                                    profile="t", **dirs)
+                                    **dirs)
     assert len(runs) == 2 + 2 * 2 * 2
     table = regimes.grid_table(kd.results.to_frame(runs))
     assert list(zip(table["T"], table["alpha"])) == [(1.0, 0.5), (1.0, 0.9), (4.0, 0.5), (4.0, 0.9)]
@@ -465,7 +480,7 @@ def test_temperature_grid_pairs_each_cell_with_cross_entropy(dirs):
         assert row.ci_low < row.diff_mean < row.ci_high or diff.std() == 0
     with pytest.raises(ValueError, match="at least one"):
         regimes.temperature_grid(data, teacher, temperatures=[], alphas=[0.5], fraction=0.2,
-                                 seeds=[0], epochs=1, profile="t", **dirs)
+                                 seeds=[0], epochs=1, **dirs)
 
 
 def test_paired_comparison_pairs_by_seed_and_its_interval_says_what_it_shows():

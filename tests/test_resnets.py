@@ -55,8 +55,15 @@ def test_byot_loss_matches_its_formula_and_detach_controls_the_teacher_gradient(
     ps = [torch.randn(4, 10, generator=g, requires_grad=True) for _ in range(4)]
     hs = [torch.randn(4, 8, s, s, generator=g, requires_grad=True) for s in (16, 8, 4, 2)]
     y = torch.tensor([0, 3, 5, 9])
-    got = losses.byot_loss(ps, hs, y, T=4.0, kd_weight=0.7, feature_weight=0.3, detach_teacher=detach)
+    terms = losses.byot_terms(ps, hs, y, T=4.0, kd_weight=0.7, feature_weight=0.3, detach_teacher=detach)
+    assert list(terms) == ["ce", "kd", "feature"]
+    got = losses.total(terms)
     assert got.item() == pytest.approx(_byot_by_hand(ps, hs, y, 4.0, detach).item(), rel=1e-5)
+    # each term on its own: the four exits' cross-entropy, the weighted KL and feature sums
+    assert terms["ce"].item() == pytest.approx(sum(F.cross_entropy(p, y) for p in ps).item(), rel=1e-6)
+    assert terms["feature"].item() == pytest.approx(0.3 * sum(
+        ((h - F.interpolate(hs[-1], size=h.shape[-2:], mode="bilinear", align_corners=False)) ** 2).mean()
+        for h in hs[:-1]).item(), rel=1e-6)
     got.backward()
     ce_only = torch.autograd.grad(F.cross_entropy(ps[-1], y), ps[-1])[0]
     if detach:

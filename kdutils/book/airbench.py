@@ -29,15 +29,17 @@ import torch.nn.functional as F
 from filelock import FileLock
 from torch import nn
 
-from . import settings
-from .checkpoint import CheckpointError, atomic_save, load_checkpoint, load_state_dict_strict
-from .fingerprint import code_fingerprint, is_stale
-from .data import ImageData, TensorLoader, normalize, random_crop_flip
-from .results import make_record, write_record
-from .runs import existing_record
-from .dist import world
-from .speed import Speed, speed_record
-from .train import Run, TrainingDiverged, freeze, is_finished, pick_device, run_key
+from .. import settings
+from ..checkpoint import CheckpointError, atomic_save, load_checkpoint, load_state_dict_strict
+from ..data import ImageData, TensorLoader, normalize, random_crop_flip
+from ..dist import world
+from ..fingerprint import code_fingerprint, is_stale
+from ..loop import TrainingDiverged, freeze
+from ..results import make_record, write_record
+from ..runs import Run, existing_record, is_finished, run_key
+from ..settings import RunOptions
+from ..speed import Speed, speed_record
+from ..train import pick_device
 
 
 @dataclass(frozen=True)
@@ -243,89 +245,98 @@ def accuracy(net: nn.Module, data: ImageData, device, *, tta_level: int = 0,
     return 100.0 * correct / len(data.test_y)
 
 
-def _run_paths(data: ImageData, recipe: AirbenchRecipe, profile: str, ckpt_dir, results_dir):
+def _run_paths(data: ImageData, recipe: AirbenchRecipe, options: RunOptions):
     key = run_key(chapter="teacher", method="airbench", recipe=asdict(recipe), data=data.source,
                   train=len(data.train_y), test=len(data.test_y), model="AirbenchNet")
-    name = f"airbench-{profile}-seed{recipe.seed}-{key}"
-    return (key, settings.ckpt_dir(ckpt_dir) / "teacher" / f"{name}.pt",
-            settings.results_dir(results_dir) / "teacher" / f"{name}.json")
+    name = f"airbench-{options.profile}-seed{recipe.seed}-{key}"
+    return (key, settings.ckpt_dir(options.ckpt_dir) / "teacher" / f"{name}.pt",
+            settings.results_dir(options.results_dir) / "teacher" / f"{name}.json")
 
 
-def train_airbench(data: ImageData, recipe: AirbenchRecipe = AirbenchRecipe(), *,
-                   profile: str = "full", device="auto", speed=None,
-                   ckpt_dir=None, results_dir=None, progress: bool = True):
+def train_airbench(data: ImageData, recipe: AirbenchRecipe = AirbenchRecipe(), *, speed=None,
+                   options: RunOptions = RunOptions()):
     """Train :class:`AirbenchNet` by ``recipe`` (or reload it); a checkpoint every epoch.
 
-    Returns a :class:`~kdutils.train.Run`; its record's ``test_acc`` is the accuracy with
+    Returns a :class:`~kdutils.runs.Run`; its record's ``test_acc`` is the accuracy with
     test-time augmentation (``tta_level``), ``test_acc_plain`` the one without, and the
     history holds the plain test accuracy after every epoch with the seconds it took.
     ``speed`` (a :class:`kdutils.speed.Speed`; default ``Speed()``) chooses the precision and
-    memory layout as :func:`kdutils.train.fit` does (measured on a CPU with ``measure=True``):
-    speed, not the recipe.
+    memory layout as :func:`kdutils.train.fit` does: speed, not the recipe.
     """
-    dev = pick_device(device)
-    speed = speed or Speed()
-    key, ckpt, record_path = _run_paths(data, recipe, profile, ckpt_dir, results_dir)
+    dev = pick_device(options.device)
+    key, ckpt, record_path = _run_paths(data, recipe, options)
     t0 = time.perf_counter()
     net = build_airbench(recipe.seed, data, recipe)
     setup_s = time.perf_counter() - t0
     # what this teacher's numbers depend on besides the recipe: its training and test code
     code = code_fingerprint(_airbench_epoch, _optimizer, lr_factor, AirbenchBatches, accuracy, net)
     n_batches = len(data.train_y) // recipe.batch_size
-    setting = speed.resolve(net, dev, recipe.batch_size, data.train_x.shape[-1],
-                            cache=settings.ckpt_dir(ckpt_dir) / "speed" / "cpu_choices.json",
-                            measure=speed.measure and n_batches > 0 and not is_finished(
-                                ckpt, math.ceil(math.ceil(n_batches * recipe.epochs) / n_batches),
-                                code))
-    amp, cl = setting["amp"], setting["channels_last"]
-    fmt = torch.channels_last if cl else torch.contiguous_format
-    net = net.to(dev, memory_format=fmt)
-    scaler = torch.amp.GradScaler(dev.type) if amp == torch.float16 else None
-    batches = AirbenchBatches(data, recipe.batch_size, seed=recipe.seed,
-                              translate=recipe.translate, device=dev, channels_last=cl)
-    if len(batches) == 0:
+    if n_batches == 0:
         raise ValueError(f"the training set has {len(data.train_y)} images, fewer than one batch "
                          f"({recipe.batch_size}): lower batch_size")
-    total = math.ceil(len(batches) * recipe.epochs)
-    epochs = math.ceil(total / len(batches))
+    total = math.ceil(n_batches * recipe.epochs)
+    epochs = math.ceil(total / n_batches)
+    speed = speed or Speed()
+    setting = speed.resolve(net, dev, recipe.batch_size, data.train_x.shape[-1],
+                            cache=settings.ckpt_dir(options.ckpt_dir) / "speed" / "cpu_choices.json",
+                            measure=speed.measure and not is_finished(ckpt, epochs, code))
+    net = net.to(dev, memory_format=torch.channels_last if setting["channels_last"] else torch.contiguous_format)
     opt = _optimizer(net, recipe)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total))
-    # lookahead: every 5 steps the weights move to an average that trusts them more over time
-    decay = 0.95 ** 5 * (torch.arange(total + 1) / total) ** 3
-    average, history, start, step = _resume(ckpt, key, code, net, opt, sched, dev)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing, reduction="sum")
-    bar = None
-    if progress and start < epochs:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, initial=step, mininterval=2, leave=False,
-                   desc=f"airbench teacher seed {recipe.seed}")
-    try:
-        for epoch in range(start, epochs):
-            t_epoch = time.perf_counter()
-            net.whiten.bias.requires_grad_(epoch < recipe.whiten_bias_epochs)
-            train_loss, step = _airbench_epoch(net, batches.epoch(epoch), loss_fn, opt, sched,
-                                               scaler, amp, step, total, average, decay, bar)
-            if not math.isfinite(train_loss):
-                raise TrainingDiverged(f"loss became {train_loss} in epoch {epoch + 1}")
-            acc = accuracy(net, data, dev, channels_last=cl, amp=amp)
-            history.append({"epoch": epoch + 1, "train_loss": train_loss, "test_acc": acc,
-                            "lr": opt.param_groups[1]["lr"], "steps": step,
-                            "seconds": time.perf_counter() - t_epoch})
-            if bar is not None:
-                bar.set_postfix(epoch=epoch + 1, acc=f"{acc:.2f}")
-            atomic_save({"key": key, "epoch": epoch + 1, "step": step, "model": net.state_dict(),
-                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                         "average": average, "history": history, "code": code}, ckpt)
-    finally:
-        if bar is not None:
-            bar.close()
+    state = _resume(ckpt, key, code, net, opt, sched, dev)
+    history, start = state[1], state[2]
+    progress = options.progress and start < epochs
+    with _bar(progress, total, state[3], recipe.seed) as bar:
+        step = _train_epochs(net, data, recipe, opt, sched, setting, dev, state, total, epochs,
+                             bar, lambda epoch, step: atomic_save(
+                                 {"key": key, "epoch": epoch, "step": step, "model": net.state_dict(),
+                                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                  "average": state[0], "history": history, "code": code}, ckpt))
     kept = existing_record(record_path, ckpt, history) if start == epochs else None
     if kept is not None:
         return Run(net.eval(), kept, ckpt, record_path, start)
-    record = _airbench_record(net, data, recipe, profile, dev, history, key, setup_s, step, setting)
+    record = _airbench_record(net, data, recipe, options.profile, dev, history, key, setup_s, step, setting)
     record["code"] = code
     write_record(record, record_path)
     return Run(net.eval(), record, ckpt, record_path, start)
+
+
+def _bar(show: bool, total: int, initial: int, seed: int):
+    if not show:
+        return nullcontext()
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, mininterval=2, leave=False,
+                desc=f"airbench teacher seed {seed}")
+
+
+def _train_epochs(net, data, recipe, opt, sched, setting, dev, state, total: int, epochs: int,
+                  bar, save) -> int:
+    """The epochs from the resumed ``state`` (average, history, next epoch, step) on, each
+    followed by the plain test accuracy and ``save(epoch, step)``; returns the last step."""
+    average, history, start, step = state
+    amp, cl = setting["amp"], setting["channels_last"]
+    scaler = torch.amp.GradScaler(dev.type) if amp == torch.float16 else None
+    batches = AirbenchBatches(data, recipe.batch_size, seed=recipe.seed,
+                              translate=recipe.translate, device=dev, channels_last=cl)
+    # lookahead: every 5 steps the weights and their running average move together; the
+    # average's decay grows from 0 to 0.95^5 over training (see _lookahead)
+    decay = 0.95 ** 5 * (torch.arange(total + 1) / total) ** 3
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing, reduction="sum")
+    for epoch in range(start, epochs):
+        t_epoch = time.perf_counter()
+        net.whiten.bias.requires_grad_(epoch < recipe.whiten_bias_epochs)
+        train_loss, step = _airbench_epoch(net, batches.epoch(epoch), loss_fn, opt, sched,
+                                           scaler, amp, step, total, average, decay, bar)
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(f"loss became {train_loss} in epoch {epoch + 1}")
+        acc = accuracy(net, data, dev, channels_last=cl, amp=amp)
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "test_acc": acc,
+                        "lr": opt.param_groups[1]["lr"], "steps": step,
+                        "seconds": time.perf_counter() - t_epoch})
+        if bar is not None:
+            bar.set_postfix(epoch=epoch + 1, acc=f"{acc:.2f}")
+        save(epoch + 1, step)
+    return step
 
 
 def _resume(ckpt, key: str, code: dict, net, opt, sched, dev) -> tuple[dict, list, int, int]:
@@ -400,15 +411,13 @@ def _lookahead(net: nn.Module, average: dict, decay: float) -> None:
 
 
 def get_strong_teacher(data: ImageData, recipe: AirbenchRecipe = AirbenchRecipe(), *,
-                       profile: str = "full", device="auto", ckpt_dir=None, results_dir=None,
-                       progress: bool = True, speed=None):
+                       speed=None, options: RunOptions = RunOptions()):
     """The airbench teacher for ``data``: loaded when a finished checkpoint exists, else
     trained (a file lock makes a second process wait and then load it). Frozen on return."""
-    folder = settings.ckpt_dir(ckpt_dir) / "teacher"
+    folder = settings.ckpt_dir(options.ckpt_dir) / "teacher"
     folder.mkdir(parents=True, exist_ok=True)
     lock = nullcontext() if world().distributed else FileLock(str(folder / "airbench.lock"))
     with lock:
-        run = train_airbench(data, recipe, profile=profile, device=device, ckpt_dir=ckpt_dir,
-                             results_dir=results_dir, progress=progress, speed=speed)
+        run = train_airbench(data, recipe, speed=speed, options=options)
     freeze(run.model)
     return run

@@ -1,9 +1,9 @@
 """The book in one command: every chapter of a profile executed with papermill, in order.
 
-    python -m kdutils.edition --profile fast                 # Part II's GPU edition
-    python -m kdutils.edition --profile fast --budget 25     # what fits in 25 minutes
-    python -m kdutils.edition --profile full --estimate      # only the estimates
-    python -m kdutils.edition --profile cpu --chapters 10_pretrained_teacher --publish
+    python -m kdutils.book.edition --profile fast                 # Part II's GPU edition
+    python -m kdutils.book.edition --profile fast --budget 25     # what fits in 25 minutes
+    python -m kdutils.book.edition --profile full --estimate      # only the estimates
+    python -m kdutils.book.edition --profile cpu --chapters pretrained_teacher --publish
 
 The chapters of an edition are those whose ``profile`` parameter accepts it, in the table of
 contents' order, with the Results chapter last (it reads every record the others wrote).
@@ -14,7 +14,7 @@ its run used, in one cell). Executed notebooks go to ``editions/<profile>/`` and
 when it had finished in an earlier call).
 
 Before anything trains, each chapter's time is estimated from a few timed training steps
-of every network it trains, on this device (:func:`plan`, :func:`measure_rate`,
+of every network it trains, on this device (:func:`kdutils.book.chapters.plan`, :func:`measure_rate`,
 :func:`estimate`); with ``--budget`` only the chapters that fit run, and the rest are named
 (a teacher that several chapters share counts once, in the first that runs). The edition resumes:
 ``editions/<profile>/edition.json`` remembers the chapters that finished, which are
@@ -41,46 +41,45 @@ from unittest import mock
 
 import torch
 
-from . import params, settings
-from .checkpoint import atomic_write_json
+from .. import settings
+from ..checkpoint import atomic_write_json
+from . import params
+from .chapters import CHAPTERS, Chapter, Work, check, plan
 
 RESULTS_CHAPTER = "results"   # reads records only: runs last, in every edition
 
 
 @dataclass(frozen=True)
-class Chapter:
-    stem: str         # file name without .ipynb ("08_resnet50_to_resnet18")
+class Page:
+    """A chapter of the registry and its notebook in one checkout of the book."""
+
+    chapter: Chapter
     path: Path
-    name: str         # its parameter set in kdutils.params ("resnet")
+
+    @property
+    def name(self) -> str:
+        return self.chapter.name
+
+    @property
+    def stem(self) -> str:
+        return self.path.stem
 
     def accepts(self, profile: str) -> bool:
-        schema = params.SCHEMAS[self.name]
-        if "profile" not in schema:
-            return self.name == RESULTS_CHAPTER
-        try:
-            schema["profile"](profile)
-            return True
-        except (TypeError, ValueError):
-            return False
+        return self.chapter.accepts(profile)
 
 
-def chapters(root: Path | None = None) -> list[Chapter]:
-    """The book's notebooks in ``_toc.yml`` order, each with its parameter set's name."""
+def chapters(root: Path | None = None) -> list[Page]:
+    """The registry's chapters in ``_toc.yml`` order (those whose notebook exists)."""
     root = Path(root or settings.project_root())
     toc = (root / "_toc.yml").read_text()
-    found = []
-    for file in re.findall(r"^\s*-?\s*(?:root|file):\s*(\S+)", toc, flags=re.M):
-        path = root / f"{file}.ipynb"
-        if not path.exists():
-            continue
-        match = re.search(r'(?:from_notebook|notebook\.setup)\(globals\(\), chapter=\\?"(\w+)\\?"', path.read_text())
-        if match:
-            found.append(Chapter(path.stem, path, match.group(1)))
-    return found
+    by_notebook = {c.notebook: c for c in CHAPTERS.values()}
+    stems = [Path(f).name for f in re.findall(r"^\s*-?\s*(?:root|file):\s*(\S+)", toc, flags=re.M)]
+    pages = [Page(by_notebook[s], by_notebook[s].path(root)) for s in stems if s in by_notebook]
+    return [p for p in pages if p.path.exists()]
 
 
-def edition(profile: str, root: Path | None = None, only: list[str] | None = None) -> list[Chapter]:
-    """The chapters a ``profile`` edition executes, Results last; ``only``: stems or names."""
+def edition(profile: str, root: Path | None = None, only: list[str] | None = None) -> list[Page]:
+    """The chapters a ``profile`` edition executes, Results last; ``only``: names or notebooks."""
     if profile not in params.PROFILES:
         raise ValueError(f"unknown profile {profile!r}; known: {', '.join(params.PROFILES)}")
     every = chapters(root)
@@ -89,9 +88,9 @@ def edition(profile: str, root: Path | None = None, only: list[str] | None = Non
         unknown = [o for o in only if o not in known]
         if unknown:
             raise ValueError(f"unknown chapter(s) {', '.join(unknown)}; known: "
-                             f"{', '.join(c.stem for c in every)}")
+                             f"{', '.join(c.name for c in every)}")
         every = [c for c in every if c.stem in only or c.name in only]
-        refused = [c.stem for c in every if not c.accepts(profile)]
+        refused = [c.name for c in every if not c.accepts(profile)]
         if refused:
             raise ValueError(f"chapter(s) {', '.join(refused)} have no {profile!r} profile")
     chosen = [c for c in every if c.accepts(profile)]
@@ -119,15 +118,15 @@ def current_parameters(nb: dict) -> dict:
             if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
 
 
-def checked(chapter: Chapter, values: dict) -> params.Params:
+def checked(chapter: Page, values: dict) -> params.Params:
     """The chapter's parameters with ``values`` in place of its cell's, checked and profiled."""
-    return params.check(chapter.name, **{**current_parameters(json.loads(chapter.path.read_text())),
+    return check(chapter.name, **{**current_parameters(json.loads(chapter.path.read_text())),
                                          **values})
 
 
-def set_parameters(nb: dict, chapter: Chapter, values: dict) -> dict:
+def set_parameters(nb: dict, chapter: Page, values: dict) -> dict:
     """``nb`` with the assignments of ``values`` rewritten in its parameters cell (comments
-    kept), after checking them as the chapter itself would (:func:`kdutils.params.check`)."""
+    kept), after checking them as the chapter itself would (:func:`kdutils.book.chapters.check`)."""
     values = plain(values)
     cell = parameters_cell(nb)
     source = _source(cell)
@@ -136,7 +135,7 @@ def set_parameters(nb: dict, chapter: Chapter, values: dict) -> dict:
     if missing:
         raise params.ParameterError(f"chapter {chapter.stem} has no parameter(s) "
                                     f"{', '.join(map(repr, missing))} in its parameters cell")
-    params.check(chapter.name, **{**current, **values})  # refuses a bad value before any run
+    check(chapter.name, **{**current, **values})  # refuses a bad value before any run
     lines = source.split("\n")
     assigns = {node.targets[0].id: node for node in ast.parse(source).body
                if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
@@ -170,76 +169,8 @@ def _literal(value) -> str:
 
 # ------------------------------------------------------------------ estimates
 
-@dataclass(frozen=True)
-class Work:
-    """``runs`` trainings of network ``arch`` (with network ``teacher``'s forward pass at each
-    step, or None) over ``images`` images for ``epochs`` epochs, in batches of ``batch_size``;
-    ``is_teacher``: this is the training of a chapter's teacher. After every epoch the run
-    evaluates ``eval_images`` test images."""
-    label: str
-    arch: str
-    images: int
-    epochs: float
-    runs: int = 1
-    batch_size: int = 128
-    teacher: str | None = None
-    image_size: int = 32
-    is_teacher: bool = False
-    eval_images: int = 10_000
-
-
-_DATASET_SIZE = {"cifar10": 50_000, "stl10": 5_000, "imagenette": 9_469}
-_TEST_SIZE = {"cifar10": 10_000, "stl10": 8_000, "imagenette": 3_925}
-
-
-def plan(chapter: Chapter, P) -> list[Work]:
-    """What a chapter trains with checked parameters ``P``: its networks, images, epochs and
-    runs (the main comparisons; a chapter's smaller side runs are not counted)."""
-    works = _works(chapter.name, P)
-    tests = P.get("test_size") or _TEST_SIZE.get(P.get("dataset", "cifar10"), 10_000)
-    return [dataclasses.replace(w, eval_images=tests) for w in works]
-
-
-def _works(name: str, P) -> list[Work]:
-    if "epochs" not in P:
-        return []
-    n = P.get("train_size") or _DATASET_SIZE.get(P.get("dataset", "cifar10"), 50_000)
-    seeds, bs, ep = len(P.seeds) if "seeds" in P else 1, P.batch_size, P.epochs
-    if name == "speed":  # each network twice per seed: fp32 NCHW and the fast setting
-        return [Work(f"{student} x{seeds}", student, n, ep, 2 * seeds, bs) for student in P.students]
-    if name in ("baseline", "hinton", "cosine", "regressor"):
-        student = P.get("student", "lightnn")
-        alongside = P.teacher if name != "baseline" else None
-        runs = [Work(f"{student} x{seeds}", student, n, ep, seeds, bs, alongside)]
-        if "teacher" not in P:
-            return runs
-        return [Work(f"{P.teacher} teacher", P.teacher, n, P.teacher_epochs, 1, bs, is_teacher=True)] + runs
-    if name == "resnet":
-        n_teacher = n if "teacher_train_size" not in P else (
-            P.teacher_train_size or _DATASET_SIZE.get(P.get("dataset", "cifar10"), 50_000))
-        return [Work("resnet50 teacher", "resnet50", n_teacher, P.teacher_epochs, 1, bs, is_teacher=True),
-                Work(f"resnet18 ce x{seeds}", "resnet18", n, ep, seeds, bs),
-                Work(f"resnet18 kd x{seeds}", "resnet18", n, ep, seeds, bs, "resnet50")]
-    if name == "selfdistill":
-        return [Work(f"resnet18_multiexit byot x{2 * seeds}", "resnet18_multiexit", n, ep, 2 * seeds, bs),
-                Work(f"resnet18 ce and hooks x{3 * seeds}", "resnet18", n, ep, 3 * seeds, bs)]
-    if name == "pretrained":  # the KD students' teacher outputs are computed once: not counted
-        return [Work(f"smallcnn x{3 * seeds}", "smallcnn", n, ep, 3 * seeds, bs, None, P.image_size)]
-    if name == "pays":  # roughly: its four experiments, each over its own share of images
-        return [Work("airbench teacher", "airbench", n, P.teacher_epochs, 1, 1024, is_teacher=True),
-                Work(f"lightnn, teacher strength x{3 * seeds}", "lightnn", n, ep, 3 * seeds, bs),
-                Work("lightnn, few labels", "lightnn", n, P.few_label_epochs, 3 * len(P.fractions) * seeds, bs),
-                Work("lightnn, T x alpha", "lightnn", int(n * P.grid_fraction), ep,
-                     len(P.grid_T) * len(P.grid_alpha) * seeds, bs),
-                Work("lightnn, fixed views", "lightnn", int(n * P.view_fraction), sum(P.view_epochs),
-                     2 * seeds, bs)]
-    if name == "scaleout":
-        return [Work("lightnn, 1 and several processes", "lightnn", n, ep, 2, bs)]
-    return []
-
-
 def _network(arch: str, image_size: int) -> torch.nn.Module:
-    from . import models
+    from .. import models
     if arch == "smallcnn":
         return models.SmallCNN(image_size=image_size)
     if arch == "airbench":
@@ -251,13 +182,14 @@ def _network(arch: str, image_size: int) -> torch.nn.Module:
 def measure_rate(arch: str, teacher: str | None, batch_size: int, image_size: int,
                  device: torch.device, steps: int = 3) -> float:
     """Training images/s of ``arch`` on ``device`` (its teacher's forward pass included),
-    timed by :func:`kdutils.bench.time_batches` (at least ``steps`` steps of synthetic images
+    timed by :func:`kdutils.tools.bench.time_batches` (at least ``steps`` steps of synthetic images
     after one warm-up step) through :func:`kdutils.loop.train_epoch` and
     :func:`kdutils.loop.with_teacher`, in the precision and layout a run would use there."""
-    from . import methods
-    from .bench import time_batches
-    from .loop import freeze, train_epoch, with_teacher
-    from .train import Recipe, Speed, make_optimizer
+    from .. import methods
+    from ..tools.bench import time_batches
+    from ..loop import freeze, train_epoch, with_teacher
+    from ..speed import Speed
+    from ..train import Recipe, make_optimizer
     model = _network(arch, image_size)
     chosen = Speed().resolve(model, device, batch_size, image_size, measure=False)
     layout = torch.channels_last if chosen["channels_last"] else torch.contiguous_format
@@ -311,7 +243,7 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def execute(chapter: Chapter, values: dict, out: Path, *, kernel: str = "python3",
+def execute(chapter: Page, values: dict, out: Path, *, kernel: str = "python3",
             log_output: bool = False) -> float:
     """Execute ``chapter`` with ``values`` in its parameters cell into ``out``; wall seconds."""
     import nbformat
@@ -335,10 +267,10 @@ def execute(chapter: Chapter, values: dict, out: Path, *, kernel: str = "python3
     return wall
 
 
-def chapter_values(chapter: Chapter, profile: str, overrides: dict) -> dict:
+def chapter_values(chapter: Page, profile: str, overrides: dict) -> dict:
     """The parameters an edition sets in ``chapter``: its profile, and those of ``overrides``
     the chapter has."""
-    schema = params.SCHEMAS[chapter.name]
+    schema = chapter.chapter.schema
     values = {"profile": profile} if "profile" in schema else {}
     values.update({k: v for k, v in overrides.items() if k in schema})
     return plain(values)
@@ -369,13 +301,14 @@ def within_budget(pending: list, budget_min: float | None, report: dict) -> list
 def run_edition(profile: str, *, root: Path | None = None, only: list[str] | None = None,
                 overrides: dict | None = None, budget_min: float | None = None,
                 out_dir: Path | None = None, publish: bool = False, restart: bool = False,
-                estimate_only: bool = False, seconds: Callable[[Chapter, dict], float | Costs] | None = None,
+                estimate_only: bool = False, seconds: Callable[[Page, dict], float | Costs] | None = None,
                 kernel: str = "python3", log=print) -> dict:
     """Run (or only estimate) the ``profile`` edition.
 
     ``seconds(chapter, values)`` estimates a chapter: a number, or ``[(teacher key or None,
     seconds), ...]`` so that a teacher several chapters share counts once, in the first
-    chapter that runs (default: :func:`plan` and :func:`measure_rate` on the chosen device).
+    chapter that runs (default: :func:`kdutils.book.chapters.plan` and :func:`measure_rate` on the
+    chosen device).
     Returns ``{"ran", "skipped", "left_out", "failed", "not_run": [stems], "estimates":
     {stem: seconds}, "started_at"}``.
     """
@@ -390,7 +323,7 @@ def run_edition(profile: str, *, root: Path | None = None, only: list[str] | Non
             f"--publish with {', '.join(overrides)}: a published chapter shows its own defaults "
             "and only the profile it ran with; run these values without --publish")
     todo = edition(profile, root, only)
-    unused = sorted(set(overrides) - {k for ch in todo for k in params.SCHEMAS[ch.name]})
+    unused = sorted(set(overrides) - {k for ch in todo for k in ch.chapter.schema})
     if unused:
         raise params.ParameterError(f"no chapter of this edition has parameter(s) {', '.join(unused)}")
     out_dir = Path(out_dir or root / "editions" / profile)
@@ -418,6 +351,14 @@ def run_edition(profile: str, *, root: Path | None = None, only: list[str] | Non
         log(f"left out (over the {budget_min:g}-minute budget): {', '.join(report['left_out'])}")
     if estimate_only:
         return report
+    _run_chosen(chosen, out_dir, state, report, publish=publish, kernel=kernel, log=log)
+    return report
+
+
+def _run_chosen(chosen: list, out_dir: Path, state: State, report: dict, *, publish: bool,
+                kernel: str, log) -> None:
+    """Execute the ``(chapter, values)`` of ``chosen`` in order, recording each in ``state``
+    and ``report``; the first failure stops the edition (the rest go to ``not_run``)."""
     for i, (ch, values) in enumerate(chosen):
         out = out_dir / f"{ch.stem}.ipynb"
         state.chapters[ch.stem] = {"status": "running", "parameters": values, "started_at": _now()}
@@ -432,7 +373,7 @@ def run_edition(profile: str, *, root: Path | None = None, only: list[str] | Non
             report["failed"].append(ch.stem)
             report["not_run"] = [c.stem for c, _ in chosen[i + 1:]]
             log(f"{ch.stem}: failed ({lines[-1][:300]}); see {out}. Rerun the same command to resume.")
-            break
+            return
         state.chapters[ch.stem].update(status="done", wall_s=round(wall, 1), finished_at=_now(),
                                        estimate_s=round(report["estimates"][ch.stem], 1))
         state.save()
@@ -440,11 +381,10 @@ def run_edition(profile: str, *, root: Path | None = None, only: list[str] | Non
         if publish:
             shutil.copyfile(out, ch.path)
         log(f"{ch.stem}: done in {wall / 60:.1f} min (estimated {report['estimates'][ch.stem] / 60:.1f})")
-    return report
 
 
-def _device_estimator(device: str, log=print) -> Callable[[Chapter, dict], Costs]:
-    from .train import pick_device
+def _device_estimator(device: str, log=print) -> Callable[[Page, dict], Costs]:
+    from ..train import pick_device
     dev = pick_device(device)
     rates: dict = {}
 
@@ -457,9 +397,9 @@ def _device_estimator(device: str, log=print) -> Callable[[Chapter, dict], Costs
                 f"{rates[key]:.1f} training images/s on {dev}")
         return rates[key]
 
-    def seconds(ch: Chapter, values: dict) -> Costs:
+    def seconds(ch: Page, values: dict) -> Costs:
         return [((w.arch, w.images, w.epochs, w.batch_size) if w.is_teacher else None,
-                 estimate([w], rate)) for w in plan(ch, checked(ch, values))]
+                 estimate([w], rate)) for w in plan(ch.name, checked(ch, values))]
     return seconds
 
 
@@ -469,7 +409,7 @@ def summary(profile: str, stems: list[str], since: str, root: Path | None = None
     wall time), device. A teacher counts with the chapters that train it."""
     import pandas as pd
 
-    from .results import load_records
+    from ..results import load_records
     root = Path(root or settings.project_root())
     by_stem = {c.stem: c for c in chapters(root)}
     names = {by_stem[s].name for s in stems if s in by_stem}
@@ -488,15 +428,15 @@ def summary(profile: str, stems: list[str], since: str, root: Path | None = None
         "device": rec["device"]}).sort_values(["chapter", "run"]).reset_index(drop=True)
 
 
-def _plan_quiet(ch: Chapter, profile: str) -> list[Work]:
+def _plan_quiet(ch: Page, profile: str) -> list[Work]:
     try:
-        return plan(ch, checked(ch, chapter_values(ch, profile, {})))
+        return plan(ch.name, checked(ch, chapter_values(ch, profile, {})))
     except (ValueError, KeyError):
         return []
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m kdutils.edition", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m kdutils.book.edition", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--profile", required=True, choices=list(params.PROFILES))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import inspect
 
-from . import params, recipes, results, train
+from .. import results, train
+from . import chapters, params, recipes
 
 
 def show_code(*objects) -> "object":
@@ -43,7 +44,7 @@ def setup(namespace: dict, chapter: str, box: str | None = None):
     "this run" box quotes: ``{box}_profile``, ``_train_size``, ``_test_size``, ``_device`` and
     ``_profile_says`` (what the profile's numbers can and cannot say).
     """
-    P = params.from_notebook(namespace, chapter=chapter)
+    P = chapters.from_notebook(namespace, chapter=chapter)
     data = recipes.load_data(P)
     device = results.device_name(train.pick_device(P.device))
     print(params.describe(P), "| data:", data.source, "| device:", device)

@@ -4,8 +4,8 @@ distilled student shares with its teacher beyond accuracy (chapter "When does di
 * :func:`label_subset` picks the labelled images of a run (a seeded, class-balanced draw);
   :func:`repeat_to` repeats them into a training set of fixed size, so that every run of a
   comparison takes the same number of optimiser steps whatever its number of labels.
-* :func:`kd_unlabelled_step` is Hinton's loss when only some images have a label: the soft
-  term on every image, cross-entropy on the labelled ones.
+* :func:`kdutils.methods.kd_unlabelled_step` is Hinton's loss when only some images have a
+  label: the soft term on every image, cross-entropy on the labelled ones.
 * :func:`few_label_runs` trains cross-entropy, KD on the same images, and KD with the
   teacher's soft targets on all training images, for each label fraction and seed.
 * :func:`teacher_agreement` and :func:`calibration` measure a student against its teacher:
@@ -19,16 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import settings
-from .checkpoint import atomic_save, load_checkpoint
-from .data import FixedViews, ImageData, TensorLoader
-from .losses import ce_loss, soft_target_loss
-from .methods import ce_step, kd_step, kd_targets
-from .models import build
-from .results import paired_comparison
-from .train import (Recipe, Run, fit, is_finished, pick_device, precompute_teacher, run_code, run_key,
-                    run_paths)
+from .. import settings
+from ..checkpoint import atomic_save, load_checkpoint
+from ..data import FixedViews, ImageData, TensorLoader
+from ..loop import Teacher, precompute_teacher
+from ..methods import METHODS, kd_targets, method_weights
+from ..models import build
+from ..results import paired_comparison
+from ..runs import run_key
+from ..settings import RunOptions
+from ..train import Recipe, Run, fit, pick_device
 
+CHAPTER = "when_distillation_pays"
 ARMS = ("ce", "kd", "kd_unlabelled")
 VIEW_ARMS = ("ce", "kd", "kd_inconsistent")
 
@@ -57,16 +59,6 @@ def repeat_to(data: ImageData, idx: torch.Tensor, size: int) -> tuple[ImageData,
     rows = idx.repeat(-(-size // len(idx)))[:size]
     return (ImageData(data.train_x[rows], data.train_y[rows], data.test_x, data.test_y,
                       data.classes, data.source, data.mean, data.std, data.folder), rows)
-
-
-def kd_unlabelled_step(model, x, y, t, *, T=5.0, alpha=0.5):
-    """``alpha * T^2 * KL(p^T || q^T)`` on every image + ``(1 - alpha) * CE`` on the images
-    whose ``t["labelled"]`` is True (a batch without any contributes no cross-entropy)."""
-    s = model(x)
-    soft = soft_target_loss(s, t["logits"], T)
-    has = t["labelled"]
-    hard = ce_loss(s[has], y[has]) if bool(has.any()) else s.sum() * 0.0
-    return alpha * soft + (1 - alpha) * hard
 
 
 def train_logits(teacher: Run, data: ImageData, device="auto", ckpt_dir=None) -> torch.Tensor:
@@ -98,9 +90,8 @@ def test_logits(net: nn.Module, data: ImageData, device, batch_size: int = 1000)
 
 def few_label_runs(data: ImageData, teacher: Run, *, fractions, seeds, epochs: int,
                    batch_size: int = 128, lr: float = 1e-3, T: float = 5.0, alpha: float = 0.5,
-                   arms=ARMS, logits: torch.Tensor | None = None, profile: str = "full",
-                   device="auto", ckpt_dir=None, results_dir=None,
-                   progress: bool = True) -> list[Run]:
+                   arms=ARMS, logits: torch.Tensor | None = None,
+                   options: RunOptions = RunOptions()) -> list[Run]:
     """For every label ``fraction`` and seed, LightNN trained by each of ``arms``:
 
     * ``ce``: cross-entropy on the labelled images;
@@ -114,57 +105,58 @@ def few_label_runs(data: ImageData, teacher: Run, *, fractions, seeds, epochs: i
     once for the whole training set (or taken from ``logits``, the result of
     :func:`train_logits`) and shared. Records carry ``fraction`` and ``labelled``.
     """
-    for a in arms:
-        if a not in ARMS:
-            raise ValueError(f"unknown arm {a!r}; known: {', '.join(ARMS)}")
-    n = len(data.train_y)
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise ValueError(f"unknown arm(s) {', '.join(map(repr, unknown))}; known: {', '.join(ARMS)}")
+    cache = {"logits": logits}
 
-    def teacher_logits():
-        nonlocal logits
-        if logits is None:
-            logits = train_logits(teacher, data, device, ckpt_dir)
-        return logits
+    def all_logits():
+        if cache["logits"] is None:
+            cache["logits"] = train_logits(teacher, data, options.device, options.ckpt_dir)
+        return cache["logits"]
 
-    common = dict(profile=profile, device=device, ckpt_dir=ckpt_dir, results_dir=results_dir,
-                  progress=progress, chapter="pays")
     runs = []
     for fraction in fractions:
         for seed in seeds:
             idx = label_subset(data.train_y, fraction, seed, len(data.classes))
             recipe = Recipe(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
-            labelled, rows = repeat_to(data, idx, n)
+            labelled, rows = repeat_to(data, idx, len(data.train_y))
             for arm in arms:
                 if arm == "kd_unlabelled" and fraction == 1:
                     continue
-                params = {"fraction": fraction, "labelled": len(idx)}
-                kw = {}
-                train_data = labelled
-                if arm == "ce":
-                    step = ce_step
-                else:
-                    params.update(T=T, alpha=alpha)
-                    kw = dict(teacher=teacher.model, teacher_targets=kd_targets,
-                              teacher_key=teacher.record["run_key"])
-                    if arm == "kd":
-                        step = partial(kd_step, T=T, alpha=alpha)
-                    else:
-                        step = partial(kd_unlabelled_step, T=T, alpha=alpha)
-                        train_data = data
-                model = build("lightnn", seed=seed)
-                _, ckpt, _ = run_paths(model, train_data, recipe, method=arm, params=params,
-                                       teacher_key=kw.get("teacher_key"), chapter="pays",
-                                       profile=profile, ckpt_dir=ckpt_dir)
-                if kw and not is_finished(ckpt, epochs, run_code(model, step, kd_targets, teacher.model)):
-                    t_all = teacher_logits()
-                    if arm == "kd":
-                        kw["teacher_outputs"] = {"logits": t_all[rows]}
-                    else:
-                        mask = torch.zeros(n, dtype=torch.bool, device=t_all.device)
-                        mask[idx.to(t_all.device)] = True
-                        kw["teacher_outputs"] = {"logits": t_all, "labelled": mask}
-                runs.append(fit(model, train_data, recipe, method=arm, step=step, params=params,
-                                **common, **kw))
+                weights = {} if arm == "ce" else {"T": T, "alpha": alpha}
+                table = partial(_few_label_table, arm, all_logits, idx, rows)
+                runs.append(_train_arm(arm, data if arm == "kd_unlabelled" else labelled, recipe,
+                                       teacher, table, weights,
+                                       {"fraction": fraction, "labelled": len(idx)}, options))
     return runs
+
+
+def _few_label_table(arm: str, all_logits, idx, rows) -> dict:
+    """The teacher's outputs an arm of :func:`few_label_runs` looks up: the logits of the
+    repeated labelled images (``kd``), or of every image with a mask of the labelled ones."""
+    t_all = all_logits()
+    if arm == "kd":
+        return {"logits": t_all[rows]}
+    mask = torch.zeros(len(t_all), dtype=torch.bool, device=t_all.device)
+    mask[idx.to(t_all.device)] = True
+    return {"logits": t_all, "labelled": mask}
+
+
+def _train_arm(arm: str, data, recipe, teacher: Run, table, weights: dict, extra: dict,
+               options: RunOptions) -> Run:
+    """One LightNN run of chapter 6 by method ``arm`` (:data:`kdutils.methods.METHODS`) with
+    the teacher's outputs from ``table()`` (computed only if the run trains); ``extra``
+    describes the run's images in its record."""
+    method = METHODS[arm]
+    weights = method_weights(arm, weights) if weights else {}
+    step = partial(method.step, **weights) if weights else method.step
+    with_teacher = None
+    if method.targets is not None:
+        with_teacher = Teacher(teacher.model, method.targets, key=teacher.record["run_key"],
+                               outputs=table)
+    return fit(build("lightnn", seed=recipe.seed), data, recipe, chapter=CHAPTER, method=arm,
+               step=step, teacher=with_teacher, params={**extra, **weights}, options=options)
 
 
 def temperature_grid(data: ImageData, teacher: Run, *, temperatures, alphas, fraction: float,
@@ -224,8 +216,7 @@ def view_logits(teacher: Run, data: ImageData, views: int, view_seed: int = 0, d
 def view_runs(data: ImageData, teacher: Run, *, fraction: float, views: int, epoch_counts,
               seeds, batch_size: int = 128, lr: float = 1e-3, T: float = 5.0,
               alpha: float = 0.5, arms=VIEW_ARMS, subset_seed: int = 0,
-              logits: torch.Tensor | None = None, profile: str = "full", device="auto",
-              ckpt_dir=None, results_dir=None, progress: bool = True) -> list[Run]:
+              logits: torch.Tensor | None = None, options: RunOptions = RunOptions()) -> list[Run]:
     """Training with crop and flip, with targets consistent with the student's view or not.
 
     Every run trains LightNN on the same ``fraction`` of the training images (a class-balanced
@@ -239,47 +230,27 @@ def view_runs(data: ImageData, teacher: Run, *, fraction: float, views: int, epo
     * ``kd_inconsistent``: Hinton's loss with the teacher's logits for the unaugmented
       image (``logits``, the result of :func:`train_logits`, or computed).
     """
-    for a in arms:
-        if a not in VIEW_ARMS:
-            raise ValueError(f"unknown arm {a!r}; known: {', '.join(VIEW_ARMS)}")
+    unknown = [a for a in arms if a not in VIEW_ARMS]
+    if unknown:
+        raise ValueError(f"unknown arm(s) {', '.join(map(repr, unknown))}; known: {', '.join(VIEW_ARMS)}")
     if views < 1:
         raise ValueError(f"views must be >= 1, got {views}")
     idx = label_subset(data.train_y, fraction, subset_seed, len(data.classes))
     subset, _ = repeat_to(data, idx, len(idx))
-    tables = {}
 
-    def teacher_table(arm):
-        if arm not in tables:
-            if arm == "kd":
-                tables[arm] = view_logits(teacher, subset, views, 0, device, ckpt_dir)
-            else:
-                clean = logits if logits is not None else train_logits(teacher, data, device, ckpt_dir)
-                tables[arm] = clean[idx.to(clean.device)].repeat(views, 1)
-        return {"logits": tables[arm]}
+    def table(arm):   # what the teacher saw: the student's view, or the unaugmented image
+        if METHODS[arm].teacher_sees == "view":
+            return {"logits": view_logits(teacher, subset, views, 0, options.device, options.ckpt_dir)}
+        clean = logits if logits is not None else train_logits(teacher, data, options.device,
+                                                               options.ckpt_dir)
+        return {"logits": clean[idx.to(clean.device)].repeat(views, 1)}
 
-    runs = []
-    for epochs in epoch_counts:
-        for seed in seeds:
-            recipe = Recipe(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, views=views)
-            for arm in arms:
-                params = {"fraction": fraction, "images": len(idx), "subset_seed": subset_seed}
-                kw = {}
-                step = ce_step
-                if arm != "ce":
-                    params.update(T=T, alpha=alpha)
-                    step = partial(kd_step, T=T, alpha=alpha)
-                    kw = dict(teacher=teacher.model, teacher_targets=kd_targets,
-                              teacher_key=teacher.record["run_key"])
-                model = build("lightnn", seed=seed)
-                _, ckpt, _ = run_paths(model, subset, recipe, method=arm, params=params,
-                                       teacher_key=kw.get("teacher_key"), chapter="pays",
-                                       profile=profile, ckpt_dir=ckpt_dir)
-                if kw and not is_finished(ckpt, epochs, run_code(model, step, kd_targets, teacher.model)):
-                    kw["teacher_outputs"] = teacher_table(arm)
-                runs.append(fit(model, subset, recipe, method=arm, step=step, params=params,
-                                profile=profile, device=device, ckpt_dir=ckpt_dir,
-                                results_dir=results_dir, progress=progress, chapter="pays", **kw))
-    return runs
+    extra = {"fraction": fraction, "images": len(idx), "subset_seed": subset_seed}
+    return [_train_arm(arm, subset, Recipe(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                                           views=views),
+                       teacher, partial(table, arm), {} if arm == "ce" else {"T": T, "alpha": alpha},
+                       extra, options)
+            for epochs in epoch_counts for seed in seeds for arm in arms]
 
 
 def view_table(records, confidence: float = 0.95):

@@ -6,15 +6,21 @@ teacher at the same time wait for the first one and then load its checkpoint.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple
 
 from filelock import FileLock
 
-from . import airbench, settings
-from . import data as D
-from .dist import world
-from .models import WeightsUnavailable, build
-from .train import Recipe, Run, Speed, ce_step, fit, freeze, is_finished, run_code, run_paths
+from .. import data as D
+from .. import settings
+from ..dist import world
+from ..loop import ce_step, freeze
+from ..models import WeightsUnavailable, build
+from ..runs import Run, is_finished, run_code, run_paths
+from ..settings import RunOptions
+from ..speed import Speed
+from ..train import Recipe, fit
+from . import airbench
 
 
 class TeacherMissing(FileNotFoundError):
@@ -26,8 +32,7 @@ def teacher_recipe(epochs: int, batch_size: int = 128, lr: float = 1e-3, seed: i
     return Recipe(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
 
 
-def get_teacher(name: str, data, recipe: Recipe, *, profile: str = "full", device="auto",
-                ckpt_dir=None, results_dir=None, progress: bool = True,
+def get_teacher(name: str, data, recipe: Recipe, *, options: RunOptions = RunOptions(),
                 train_if_missing: bool = True, speed: Speed = Speed()) -> Run:
     """The teacher ``name`` trained by ``recipe`` on ``data``: loaded if it exists, else trained.
 
@@ -35,12 +40,12 @@ def get_teacher(name: str, data, recipe: Recipe, *, profile: str = "full", devic
     student records store as ``teacher_key``. With ``train_if_missing=False`` a missing
     teacher raises :class:`TeacherMissing` naming the checkpoint it looked for.
     """
-    folder = settings.ckpt_dir(ckpt_dir) / "teacher"
+    folder = settings.ckpt_dir(options.ckpt_dir) / "teacher"
     folder.mkdir(parents=True, exist_ok=True)
     model = build(name, seed=recipe.seed)
     if not train_if_missing:
         _, ckpt, _ = run_paths(model, data, recipe, chapter="teacher", method=name, params={},
-                               profile=profile, teacher_key=None, ckpt_dir=ckpt_dir)
+                               options=options)
         if not is_finished(ckpt, recipe.epochs, run_code(model, ce_step)):
             raise TeacherMissing(
                 f"no finished {name} teacher for this recipe and data: looked for {ckpt}. "
@@ -51,9 +56,7 @@ def get_teacher(name: str, data, recipe: Recipe, *, profile: str = "full", devic
     # Under torchrun the processes train the teacher together; a file lock would deadlock them.
     lock = nullcontext() if world().distributed else FileLock(str(folder / f"{name}.lock"))
     with lock:
-        run = fit(model, data, recipe, chapter="teacher", method=name,
-                  profile=profile, device=device, ckpt_dir=ckpt_dir, results_dir=results_dir,
-                  progress=progress, speed=speed)
+        run = fit(model, data, recipe, chapter="teacher", method=name, speed=speed, options=options)
     freeze(run.model)
     return run
 
@@ -83,7 +86,7 @@ def pretrained_teacher(P, data) -> PretrainedTeacher:
       sizes, torchvision's stem above 64 px; SGD one-cycle, peak 0.05, crop + flip).
     """
     opts = settings.run_options(P)
-    kw = dict(opts, speed=Speed.from_params(P))
+    kw = dict(options=opts, speed=Speed.from_params(P))
     if P.teacher_weights == "imagenet":
         recipe = Recipe(epochs=P.teacher_epochs, batch_size=P.batch_size, lr=1e-3,
                         optimizer="sgd", momentum=0.9)
@@ -101,8 +104,8 @@ def pretrained_teacher(P, data) -> PretrainedTeacher:
             recipe = airbench.AirbenchRecipe(epochs=P.teacher_epochs, batch_size=P.batch_size)
         else:
             teacher_data, recipe = D.load_cifar10(P.data_dir), airbench.AirbenchRecipe()
-            opts["profile"] = "full"
-        run = airbench.get_strong_teacher(teacher_data, recipe, **opts)
+            opts = replace(opts, profile="full")
+        run = airbench.get_strong_teacher(teacher_data, recipe, options=opts)
         return PretrainedTeacher(run, "airbench", "groups.2", run.model.head.in_features)
     print("Falling back to a ResNet18 trained from scratch on this data (teacher_weights='none').")
     name = "resnet18" if P.image_size <= 64 else "resnet18_imagenet_stem"

@@ -1,7 +1,7 @@
 """Throughput benchmark: the reference notebooks' training step against kdutils', side by side.
 
-    python -m kdutils.bench                      # every setup, sizes adapted to the device
-    python -m kdutils.bench --setups lightnn_kd deepnn_ce --steps 20 --repeats 5
+    python -m kdutils.tools.bench                # every setup, sizes adapted to the device
+    python -m kdutils.tools.bench --setups lightnn_kd deepnn_ce --steps 20 --repeats 5
 
 For each setup it times, in the same process, a full training step (data, teacher, student
 forward and backward, optimiser) in two styles:
@@ -10,18 +10,20 @@ forward and backward, optimiser) in two styles:
   fp32, NCHW, the teacher in fp32 run at every step (as the R notebooks do);
 * ``kdutils``: :func:`kdutils.loop.train_epoch`, the loop every chapter trains with, on
   batches cut from uint8 tensors on the device and augmented there, in the precision and
-  memory layout the loop would pick with ``Speed(measure=True)``
+  memory layout the loop would pick with
+  ``Speed(chooser=kdutils.tools.chooser.choose_cpu_setting)``
   (:meth:`kdutils.speed.Speed.resolve`: bf16 and channels_last on a recent GPU; on a CPU, the
   fastest admissible setting, timed on the spot), the teacher in inference mode through
   :func:`kdutils.loop.with_teacher` (its outputs precomputed when nothing is augmented, as
   the chapters do).
 
 On a CPU both are timed twice. First each setup's reference beside kdutils with the
-process's default memory handling (as R5's code runs: "kdutils img/s, memory returned"), then
-both again once the process keeps the memory a step frees
-(:func:`kdutils.speed.keep_freed_memory`, which :class:`~kdutils.speed.Speed` does for every
-CPU run: "reference img/s, memory kept" and "kdutils img/s"). "speed-up" is the book's loop
-as it runs against the reference as it runs; "speed-up, memory kept in both" is like for like.
+process's default memory handling, which is also the loop's default (as R5's code runs:
+"kdutils img/s, memory returned"), then both again once the process keeps the memory a step
+frees (:func:`kdutils.speed.keep_freed_memory`, which :class:`~kdutils.speed.Speed` does when
+asked: ``keep_memory=True`` or ``KD_KEEP_MEMORY=1``: "reference img/s, memory kept" and
+"kdutils img/s"). "speed-up" is the book's loop with memory kept against the reference as it
+runs; "speed-up, memory returned in both" and "speed-up, memory kept in both" are like for like.
 It prints images/s of the step (median over repeats, warm-up excluded), the ratios, the
 setting the loop picked, the data pipeline alone, and the process's peak memory so far. Where the setup uses R1's
 AutoAugment, the data pipeline is also timed with torchvision's AutoAugment applied image by
@@ -32,6 +34,8 @@ machine type.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
 import math
 import resource
 import statistics
@@ -40,18 +44,22 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
+from pathlib import Path
 
 import torch
 
-from . import data as D
-from . import methods, settings
-from .autoaugment import auto_augment_per_image
-from .loop import train_epoch, with_teacher
-from .losses import total
-from .models import build
-from .results import device_name
-from .speed import freed_memory_kept, keep_freed_memory, setting_name
-from .train import Recipe, Speed, make_optimizer, pick_device, precompute_teacher
+from .. import data as D
+from .. import methods, settings
+from ..autoaugment import auto_augment_per_image
+from ..loop import precompute_teacher, train_epoch, with_teacher
+from ..losses import total
+from ..models import build
+from ..results import device_name
+from ..speed import Speed, freed_memory_kept, keep_freed_memory, setting_name
+from ..train import Recipe, make_optimizer, pick_device
+from .chooser import choose_cpu_setting
+
+COMMAND = "python -m kdutils.tools.bench"
 
 
 @dataclass(frozen=True)
@@ -148,10 +156,11 @@ def _images(images, labels, batch_size, warmup, steps, repeats):
 
 
 def bench_reference(name: str, images, labels, *, device, batch_size, warmup, steps, repeats,
-                    workers, step_only: bool = False) -> dict:
+                    workers, step_only: bool = False, min_seconds: float = 1.0) -> dict:
     """The reference style's row for setup ``name``: step and (unless ``step_only``) data
-    images/s."""
+    images/s, each repeat lasting at least ``min_seconds`` (:func:`time_batches`)."""
     setup = SETUPS[name]
+    timer = partial(time_batches, min_seconds=min_seconds)
     x, y = _images(images, labels, batch_size, warmup, steps, repeats)
     mean, std = D.CIFAR10_MEAN, D.CIFAR10_STD
     row = {"setup": name, "device": str(device), "batch": batch_size}
@@ -176,26 +185,28 @@ def bench_reference(name: str, images, labels, *, device, batch_size, warmup, st
         loss.backward()
         opt.step()
 
-    row["reference img/s"] = time_batches(lambda b: [ref_step(batch) for batch in b], loader, device,
-                                          warmup, steps, repeats, batch_size)
+    row["reference img/s"] = timer(lambda b: [ref_step(batch) for batch in b], loader, device,
+                                   warmup, steps, repeats, batch_size)
     if not step_only:
-        row["reference data img/s"] = time_batches(lambda b: sum(1 for _ in b), loader, device, 1,
-                                                   steps, repeats, batch_size)
+        row["reference data img/s"] = timer(lambda b: sum(1 for _ in b), loader, device, 1,
+                                            steps, repeats, batch_size)
     return row
 
 
 def bench_kdutils(name: str, images, labels, *, device, batch_size, warmup, steps, repeats, amp,
-                  keep_memory: bool = True, step_only: bool = False) -> dict:
+                  keep_memory: bool = True, step_only: bool = False, min_seconds: float = 1.0) -> dict:
     """kdutils' columns for setup ``name``: the setting :class:`~kdutils.speed.Speed` picks
-    (with ``keep_memory``), step images/s and, unless ``step_only``, data images/s and the
-    process's peak memory so far."""
+    with the chooser (:func:`~kdutils.tools.chooser.choose_cpu_setting`) and ``keep_memory``,
+    step images/s and, unless ``step_only``, data images/s and the process's peak memory so
+    far; each repeat lasts at least ``min_seconds``."""
     setup = SETUPS[name]
+    timer = partial(time_batches, min_seconds=min_seconds)
     x, y = _images(images, labels, batch_size, warmup, steps, repeats)
     row = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     student = build(setup.student, seed=0)
-    chosen = Speed(amp="auto" if amp else "off", measure=True,
+    chosen = Speed(amp="auto" if amp else "off", chooser=choose_cpu_setting,
                    keep_memory=keep_memory).resolve(student, device, batch_size)
     use_cl, amp_dtype = chosen["channels_last"], chosen["amp"]
     row["kdutils setting"] = setting_name(amp_dtype, use_cl)
@@ -218,16 +229,16 @@ def bench_kdutils(name: str, images, labels, *, device, batch_size, warmup, step
     def train(batches):  # the loop every chapter trains with, on the batches fit would give it
         train_epoch(student, batches, step, opt, amp=amp_dtype)
 
-    row["kdutils img/s"] = time_batches(
+    row["kdutils img/s"] = timer(
         train, lambda: with_teacher(tl, teacher, methods.kd_targets, table, amp_dtype),
         device, warmup, steps, repeats, batch_size)
     if step_only:
         return row
-    row["kdutils data img/s"] = time_batches(lambda b: sum(1 for _ in b), lambda: tl, device, 1,
-                                             steps, repeats, batch_size)
+    row["kdutils data img/s"] = timer(lambda b: sum(1 for _ in b), lambda: tl, device, 1,
+                                      steps, repeats, batch_size)
     if setup.r1_augment:  # the same data path with torchvision's AutoAugment image by image
         per_image = kd_loader(auto_augment_per_image)
-        row["data img/s, AutoAugment per image"] = time_batches(
+        row["data img/s, AutoAugment per image"] = timer(
             lambda b: sum(1 for _ in b), lambda: per_image, device, 1, steps, repeats, batch_size)
         row["data speed-up"] = row["kdutils data img/s"] / row["data img/s, AutoAugment per image"]
     if device.type == "cuda":
@@ -245,15 +256,18 @@ def device_kind(device: torch.device) -> str:
     return device.type
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m kdutils.bench", description=__doc__.split("\n\n")[0])
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line of ``python -m kdutils.tools.bench``; bad sizes exit with a message."""
+    ap = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=None,
-                    help="timed steps per repeat (more where they take under a second)")
+                    help="timed steps per repeat (more where they take under --min-seconds)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--min-seconds", type=float, default=1.0,
+                    help="a timed repeat lasts at least this long (0: exactly --steps steps)")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference style")
     ap.add_argument("--no-amp", action="store_true", help="no autocast (fp32 on every device)")
     ap.add_argument("--synthetic", action="store_true", help="random images instead of CIFAR-10")
@@ -264,25 +278,26 @@ def main(argv=None):
     for name in ("batch_size", "repeats"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
-    device = pick_device(args.device)
-    steps = args.steps or (50 if device.type == "cuda" else 5)
+    if args.min_seconds < 0:
+        ap.error("--min-seconds must be >= 0")
+    return args
+
+
+def _training_images(args: argparse.Namespace, steps: int):
+    """Images, labels and the data's name: CIFAR-10's training set, or just enough random
+    images (``--synthetic``)."""
     if args.synthetic:
         g = torch.Generator().manual_seed(0)
         n = args.batch_size * (args.warmup + steps * args.repeats + 1)
         images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
-        labels = torch.randint(0, 10, (n,), generator=g)
-        source = "synthetic"
-    else:
-        d = D.load_cifar10(args.data_dir, verbose=False)
-        images, labels, source = d.train_x, d.train_y, d.source
-    import pandas as pd
-    sizes = dict(device=device, batch_size=args.batch_size, warmup=args.warmup, steps=steps,
-                 repeats=args.repeats)
-    run = dict(images=images, labels=labels, **sizes)
-    # first in the process's default memory handling (as R5's code runs), each setup's
-    # reference beside kdutils with memory returned; then, on a CPU, both with freed memory
-    # kept (which a process cannot undo)
-    compare = device.type == "cpu" and not freed_memory_kept()
+        return images, torch.randint(0, 10, (n,), generator=g), "synthetic"
+    d = D.load_cifar10(args.data_dir, verbose=False)
+    return d.train_x, d.train_y, d.source
+
+
+def _memory_returned(args: argparse.Namespace, run: dict, compare: bool) -> list[dict]:
+    """The first pass, in the process's default memory handling (as R5's code runs): each
+    setup's reference and, where ``compare``, kdutils beside it with memory returned."""
     rows = []
     for name in args.setups:
         row = bench_reference(name, workers=args.workers, **run)
@@ -295,8 +310,12 @@ def main(argv=None):
             line += f", kdutils {returned['kdutils img/s']:.0f} img/s (memory returned)"
         rows.append(row)
         print(line, flush=True)
-    if compare:
-        keep_freed_memory()
+    return rows
+
+
+def _memory_kept(rows: list[dict], args: argparse.Namespace, run: dict, compare: bool) -> None:
+    """The second pass, once freed memory is kept (which a process cannot undo): kdutils for
+    every row and, where ``compare``, the reference again; the ratios."""
     for row in rows:
         if compare:
             row["reference img/s, memory kept"] = bench_reference(
@@ -306,29 +325,50 @@ def main(argv=None):
         line = (f"{row['setup']}: kdutils {row['kdutils img/s']:.0f} img/s in "
                 f"{row['kdutils setting']}, {row['speed-up']:.2f}x the reference")
         if compare:
+            row["speed-up, memory returned in both"] = (row["kdutils img/s, memory returned"]
+                                                        / row["reference img/s"])
             both = row["speed-up, memory kept in both"] = (row["kdutils img/s"]
                                                            / row["reference img/s, memory kept"])
             line += f", {both:.2f}x with memory kept in both"
         print(line, flush=True)
+
+
+def _save(out: str | Path, argv, context: str, device: torch.device, rows: list[dict]) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({
+        "command": f"{COMMAND} " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "context": context, "device": device_name(device), "torch_version": torch.__version__,
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "rows": rows}, indent=1))
+
+
+def main(argv=None):
+    """Run the benchmark (the module's docstring says what it times); returns the table."""
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    steps = args.steps or (50 if device.type == "cuda" else 5)
+    images, labels, source = _training_images(args, steps)
+    import pandas as pd
+    run = dict(images=images, labels=labels, device=device, batch_size=args.batch_size,
+               warmup=args.warmup, steps=steps, repeats=args.repeats, min_seconds=args.min_seconds)
+    # first in the process's default memory handling, each setup's reference beside kdutils
+    # with memory returned; then, on a CPU, both with freed memory kept
+    compare = device.type == "cpu" and not freed_memory_kept()
+    rows = _memory_returned(args, run, compare)
+    if compare:
+        keep_freed_memory()
+    _memory_kept(rows, args, run, compare)
     table = pd.DataFrame(rows)
     context = (f"device: {device_name(device)} | data: {source} | batch {args.batch_size} | "
-               f"{steps} steps (or 1 s) x {args.repeats} repeats after {args.warmup} warm-up | "
-               f"{args.workers} DataLoader workers | torch {torch.__version__}"
+               f"{steps} steps (or {args.min_seconds:g} s) x {args.repeats} repeats after "
+               f"{args.warmup} warm-up | {args.workers} DataLoader workers | torch {torch.__version__}"
                + (" | freed memory already kept when the reference ran"
                   if device.type == "cpu" and not compare else ""))
     print("\n" + context)
     print(table.round(2).to_string(index=False))
     out = args.out or (settings.results_dir() / "bench" / f"{device_kind(device)}.json")
     if out != "-":
-        import datetime as dt
-        import json
-        from pathlib import Path
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps({
-            "command": "python -m kdutils.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "context": context, "device": device_name(device), "torch_version": torch.__version__,
-            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "rows": rows}, indent=1))
+        _save(out, argv, context, device, rows)
     return table
 
 

@@ -1,6 +1,6 @@
 """The appendix "Scaling out": one process against several, same global batch.
 
-    [torchrun --standalone --nproc_per_node=N] python -m kdutils.scale_out --out DIR
+    [torchrun --standalone --nproc_per_node=N] python -m kdutils.tools.scale_out --out DIR
 """
 from __future__ import annotations
 
@@ -12,20 +12,21 @@ from pathlib import Path
 
 import torch
 
-from . import data as D
-from .dist import main_first, setup, teardown
-from .models import build
-from .train import Recipe, fit
+from .. import data as D
+from ..dist import main_first, setup, teardown
+from ..models import build
+from ..settings import RunOptions
+from ..train import Recipe, fit
 
 
 def main(argv=None) -> dict:
-    """``[torchrun ...] python -m kdutils.scale_out --out DIR``: the appendix's 1-vs-N comparison.
+    """``[torchrun ...] python -m kdutils.tools.scale_out --out DIR``: the appendix's 1-vs-N comparison.
 
     Trains R5's LightNN with cross-entropy on a CIFAR-10 subset (the same global batch
     whatever the number of processes, each process using its share of the CPU threads) and
     writes rank 0's history and timings to ``DIR/summary-<processes>.json``.
     """
-    ap = argparse.ArgumentParser(prog="python -m kdutils.scale_out", description=main.__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m kdutils.tools.scale_out", description=main.__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch_size", type=int, default=64)
@@ -40,8 +41,9 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     t0 = time.perf_counter()
     run = fit(build("lightnn", seed=0), data, Recipe(epochs=args.epochs, batch_size=args.batch_size),
-              chapter="scaleout", method=f"ce-{w.size}proc", device="cpu", ckpt_dir=str(out / "ck"),
-              results_dir=str(out / "res"), progress=False)
+              chapter="appendix_scale_out", method=f"ce-{w.size}proc",
+              options=RunOptions(device="cpu", ckpt_dir=str(out / "ck"), results_dir=str(out / "res"),
+                                 progress=False))
     summary = {"processes": w.size, "threads_per_process": threads, "seconds": time.perf_counter() - t0,
                "history": run.record["history"], "data_source": data.source,
                "train_size": len(data.train_y), "batch_size": args.batch_size}
