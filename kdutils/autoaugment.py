@@ -258,7 +258,7 @@ def auto_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def auto_augment_per_image(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """The same policy through torchvision's ``AutoAugment``, one image at a time in Python:
-    the reference the batched version is measured against (``python -m kdutils.bench``)."""
+    the reference the batched version is measured against (``python -m kdutils.tools.bench``)."""
     from torchvision.transforms import v2
     policy = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))

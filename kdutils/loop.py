@@ -53,13 +53,16 @@ class TrainingDiverged(FloatingPointError):
         self.value, self.step = value, step
 
 
-def ce_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: dict | None) -> torch.Tensor:
-    """The plain step (chapter 2): cross-entropy of the model's logits with the labels."""
-    return ce_loss(model(x), y)
+def ce_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+            t: dict | None) -> dict[str, torch.Tensor]:
+    """The plain step (chapter 2): cross-entropy of the model's logits with the labels, as the
+    one named term ``"ce"``."""
+    return {"ce": ce_loss(model(x), y)}
 
 
 def takes_progress(step: Step) -> bool:
-    """Whether ``step`` declares a ``progress`` keyword (a partial's included)."""
+    """Whether ``step`` declares a ``progress`` keyword (a partial's included, and a wrapper made
+    with ``functools.wraps``, whose signature is the wrapped step's: it must pass keywords on)."""
     try:
         return "progress" in inspect.signature(step).parameters
     except (TypeError, ValueError):   # a builtin or a C callable: no signature to read

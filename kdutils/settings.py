@@ -7,6 +7,8 @@ variable            meaning                                    default
 ``KD_DATA_DIR``     where datasets live (and their caches)     ``<project>/data``
 ``KD_CKPT_DIR``     checkpoints, teacher cache included        ``<project>/checkpoints``
 ``KD_RESULTS_DIR``  run records (one JSON file per run)        ``<project>/results``
+``KD_KEEP_MEMORY``  ``1``: CPU runs keep the memory a step     off
+                    frees (:class:`kdutils.speed.Speed`)
 ==================  =========================================  ==========================
 
 ``<project>`` is the nearest folder, from the working directory upwards, that holds the

@@ -227,7 +227,6 @@ def test_fit_takes_at_most_12_parameters():
     assert_none(fit_parameters(PACKAGE))
 
 
-@pytest.mark.xfail(strict=True, reason="fingerprint.py is 252 lines: the size goal of issue #28 is still open")
 def test_fingerprint_within_150_lines():
     assert_none(fingerprint_size(PACKAGE))
 

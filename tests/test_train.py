@@ -142,7 +142,8 @@ def test_run_record_holds_what_produced_the_number(tiny, dirs, tmp_path):
     assert rec["data_source"] == "synthetic" and rec["epochs"] == 2 and len(rec["history"]) == 2
     assert rec["test_acc"] == rec["history"][-1]["test_acc"] and rec["params"]["note"] == 1
     assert rec["params"]["lr"] == 1e-3 and rec["device"].startswith("cpu")
-    assert set(rec["history"][0]) == {"epoch", "train_loss", "test_acc", "lr", "seconds"}
+    assert set(rec["history"][0]) == {"epoch", "train_loss", "test_acc", "lr", "loss_terms", "seconds"}
+    assert rec["history"][0]["loss_terms"] == {"ce": pytest.approx(rec["history"][0]["train_loss"])}
     df = kd.results.load_records(dirs["options"].results_dir)
     assert list(df["method"]) == ["ce"]
 
@@ -172,7 +173,7 @@ def test_nan_loss_stops_with_epoch_step_and_lr_and_keeps_the_last_good_checkpoin
 
     def step(model, x, y, t):
         calls["n"] += 1
-        loss = kd.methods.ce_step(model, x, y, t)
+        loss = kd.losses.total(kd.methods.ce_step(model, x, y, t))
         return loss * float("nan") if calls["n"] == 7 else loss  # epoch 2, step 3
     with pytest.raises(TrainingDiverged, match=r"epoch 2, step 3 \(learning rate 0.001\).*last good checkpoint"):
         fit(kd.models.build("lightnn", seed=0), tiny, recipe, chapter="t", method="nan", step=step, **dirs)
