@@ -95,17 +95,65 @@ def _stratified(x, y, size, num_classes):
 
 # ------------------------------------------------------------------ finding the data
 
+# CIFAR-10's original pixels as six PNG archives (file name: sha256), for machines without a
+# network: beside the project in data/ or ../shared/data/, extracted once into .data/cifar10-png/.
+PNG_ARCHIVES = {
+    "cifar10-png-train-1.tar.gz": "26241b8c9323c086055844d6b1955dc87c99934c348d10b2c360f3428d25f8a9",
+    "cifar10-png-train-2.tar.gz": "22dbeb3e18920dd15f97f0bedc316aab9f0a08e67cfc358af507f000765bf55f",
+    "cifar10-png-train-3.tar.gz": "9c94a92e48aad8dd5a03f7db699e5b6bc5c892cd2f3a4d01e55fc73cd181f66b",
+    "cifar10-png-train-4.tar.gz": "0c1307a06367c00a3bd44df94f9bcf640d4a0cace2d4ceeab86d55312084ae36",
+    "cifar10-png-train-5.tar.gz": "970ea6661a13282c76a77f54de2c3e06b5d8d56701ebed1deff1468256b1d68c",
+    "cifar10-png-test.tar.gz": "0d38ebd1898569b2bb9ff3294c5cad99863e9052017042fdb67bb92bd5496dc5",
+}
+
+
+def find_data(data_dir: str | Path | None = None) -> Path:
+    """The folder CIFAR-10 is read from, the same for a chapter, a test and the command line:
+    ``data_dir``, else ``$KD_DATA_DIR``, else the lossless PNG archives (:data:`PNG_ARCHIVES`)
+    in ``<project>/data/`` or ``<project>/../shared/data/``, extracted once into
+    ``<project>/.data/cifar10-png/``, else ``<project>/data/`` (where torchvision downloads)."""
+    if data_dir is not None or os.environ.get(settings.DATA_VAR):
+        return settings.data_dir(data_dir)
+    root = settings.project_root()
+    for folder in (root / "data", root.parent / "shared" / "data"):
+        if all((folder / name).is_file() for name in PNG_ARCHIVES):
+            return extract_archives(folder, root / ".data" / "cifar10-png")
+    return settings.data_dir()
+
+
+def extract_archives(folder: Path, dest: Path) -> Path:
+    """Check the PNG archives in ``folder`` against their sha256 and extract them into ``dest``
+    (once: a later call finds ``dest`` complete; a file lock makes a second process wait)."""
+    import tarfile
+    from filelock import FileLock
+    done = dest / ".complete"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest) + ".lock"):
+        if done.is_file():
+            return dest
+        for name, expected in PNG_ARCHIVES.items():
+            digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+            if digest != expected:
+                raise BadDataError(f"{folder / name} has sha256 {digest}, not {expected}: "
+                                   "the archive is damaged or another file; replace it")
+        for name in PNG_ARCHIVES:
+            with tarfile.open(folder / name) as tar:
+                tar.extractall(dest, filter="data")
+        done.write_text("".join(f"{n} {d}\n" for n, d in PNG_ARCHIVES.items()))
+    return dest
+
+
 def load_cifar10(data_dir: str | Path | None = None, *, download: bool = True,
                  train_size: int | None = None, test_size: int | None = None,
                  verbose: bool = True) -> ImageData:
-    """Load CIFAR-10 as uint8 tensors from ``data_dir`` (default ``$KD_DATA_DIR``).
+    """Load CIFAR-10 as uint8 tensors from :func:`find_data`'s folder.
 
-    Looks, in order, for torchvision's ``cifar-10-batches-py/`` in ``data_dir``; for an
-    ImageFolder pair ``data_dir/train/<class>/`` + ``data_dir/test/<class>/`` (the JPEG copy);
-    otherwise downloads with torchvision. Decoded images are cached in
-    ``data_dir/.kdutils-cache/`` so later runs skip decoding.
+    Looks there, in order, for torchvision's ``cifar-10-batches-py/``; for an ImageFolder pair
+    ``train/<class>/`` + ``test/<class>/`` (the lossless PNG copy: ``data_source``
+    ``cifar10-png``; the JPEG copy: ``cifar10-jpeg``); otherwise downloads with torchvision.
+    Decoded images are cached in ``.kdutils-cache/`` there, so later runs skip decoding.
     """
-    root = settings.data_dir(data_dir)
+    root = find_data(data_dir)
     if (root / "cifar-10-batches-py").is_dir():
         data = _cached(root, "torchvision-cifar10", _fingerprint_dir(root / "cifar-10-batches-py"),
                        lambda: _read_torchvision(root), verbose)
@@ -116,8 +164,9 @@ def load_cifar10(data_dir: str | Path | None = None, *, download: bool = True,
             raise BadDataError(f"{root} holds an image-folder dataset but lacks {', '.join(missing)}; "
                                "it needs both train/<class>/ and test/<class>/")
         files = {s: _image_files(root / s) for s in ("train", "test")}
-        jpeg = all(p.suffix.lower() in (".jpg", ".jpeg") for fs in files.values() for _, p in fs)
-        source = "cifar10-jpeg" if jpeg else f"imagefolder:{root.name}"
+        suffixes = {p.suffix.lower() for fs in files.values() for _, p in fs}
+        source = ("cifar10-png" if suffixes == {".png"} else "cifar10-jpeg"
+                  if suffixes <= {".jpg", ".jpeg"} else f"imagefolder:{root.name}")
         fp = _fingerprint_files([p for fs in files.values() for _, p in fs])
         data = _cached(root, source, fp, lambda: _read_image_folder(root, files), verbose)
     else:
@@ -129,8 +178,8 @@ def load_cifar10(data_dir: str | Path | None = None, *, download: bool = True,
 def _download(root: Path, download: bool, verbose: bool) -> ImageData:
     ways_out = (
         f"Either put torchvision's CIFAR-10 (the folder cifar-10-batches-py/) in {root}, "
-        f"or an image-folder copy as {root}/train/<class>/*.jpg and {root}/test/<class>/*.jpg "
-        "(for example the book's JPEG copy, extracted there); or set KD_DATA_DIR (or the "
+        f"or an image-folder copy as {root}/train/<class>/*.png and {root}/test/<class>/*.png "
+        "(for example the book's PNG archives, extracted there); or set KD_DATA_DIR (or the "
         "data_dir parameter) to a folder that holds either.")
     if not download:
         raise DataNotFoundError(f"No CIFAR-10 found in {root}. {ways_out}")

@@ -16,3 +16,17 @@ def built_book(tmp_path_factory):
     proc = subprocess.run(["jupyter-book", "build", str(ROOT), "--path-output", str(out),
                            "-W", "--keep-going"], capture_output=True, text=True, timeout=900)
     return out / "_build" / "html", proc
+
+
+@pytest.fixture
+def tiny():
+    """96 synthetic 32x32 images (64 to train, 32 to test) with a learnable signal in the red
+    channel: enough for a run to learn something in an epoch or two."""
+    import torch
+
+    import kdutils as kd
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(96) % 10
+    x = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=g)
+    x[:, 0] = (y * 25).to(torch.uint8).view(-1, 1, 1)
+    return kd.data.ImageData(x[:64], y[:64], x[64:], y[64:], kd.data.CIFAR10_CLASSES, "synthetic")

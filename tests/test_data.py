@@ -11,14 +11,14 @@ from kdutils import data as D
 REAL = os.environ.get("KD_DATA_DIR")
 
 
-def _image_folder(root: Path, per_class=2, classes=D.CIFAR10_CLASSES, size=32):
+def _image_folder(root: Path, per_class=2, classes=D.CIFAR10_CLASSES, size=32, suffix="jpg"):
     g = torch.Generator().manual_seed(0)
     for split in ("train", "test"):
         for c in classes:
             (root / split / c).mkdir(parents=True)
             for i in range(per_class):
                 img = torch.randint(0, 256, (size, size, 3), dtype=torch.uint8, generator=g)
-                Image.fromarray(img.numpy()).save(root / split / c / f"{i:04d}.jpg", quality=95)
+                Image.fromarray(img.numpy()).save(root / split / c / f"{i:04d}.{suffix}")
     return root
 
 
@@ -29,7 +29,7 @@ def test_real_cifar10_shapes_labels_and_normalisation():
     assert d.test_x.shape == (10_000, 3, 32, 32)
     assert torch.bincount(d.train_y).tolist() == [5000] * 10
     assert torch.bincount(d.test_y).tolist() == [1000] * 10
-    assert d.source in ("cifar10-jpeg", "torchvision-cifar10")
+    assert d.source in ("cifar10-png", "cifar10-jpeg", "torchvision-cifar10")
     z = D.normalize(d.train_x[::10], d.mean, d.std)
     assert z.mean(dim=(0, 2, 3)).abs().max() < 0.05          # CIFAR-10 statistics: mean ~ 0
     assert (z.std(dim=(0, 2, 3)) - 1).abs().max() < 0.05     # and std ~ 1
@@ -122,3 +122,58 @@ def test_failed_download_offline_names_the_folder_and_both_ways_out(tmp_path, mo
     msg = str(e.value)
     assert "downloading it failed (OSError" in msg and str(tmp_path / "nothing") in msg
     assert "cifar-10-batches-py" in msg and "KD_DATA_DIR" in msg
+
+
+def test_png_folder_keeps_the_pixels_and_is_named_lossless(tmp_path):
+    root = _image_folder(tmp_path / "png", suffix="png")
+    d = D.load_cifar10(root, verbose=False)
+    assert d.source == "cifar10-png"
+    with Image.open(root / "train" / "airplane" / "0000.png") as im:   # lossless: the same bytes
+        assert torch.equal(d.train_x[0], torch.from_numpy(__import__("numpy").array(im)).permute(2, 0, 1))
+
+
+def _archives(tmp_path, monkeypatch):
+    """Six tiny archives of a PNG image folder under the real names, their hashes registered."""
+    import hashlib
+    import tarfile
+    src = _image_folder(tmp_path / "src", per_class=1, suffix="png")
+    shelf = tmp_path / "shared" / "data"
+    shelf.mkdir(parents=True)
+    hashes = {}
+    for i, name in enumerate(D.PNG_ARCHIVES):
+        with tarfile.open(shelf / name, "w:gz") as tar:   # the test split in the last, as shipped
+            split = "test" if "test" in name else "train"
+            for c in D.CIFAR10_CLASSES[2 * i: 2 * i + 2] if split == "train" else D.CIFAR10_CLASSES:
+                tar.add(src / split / c, arcname=f"{split}/{c}")
+        hashes[name] = hashlib.sha256((shelf / name).read_bytes()).hexdigest()
+    monkeypatch.setattr(D, "PNG_ARCHIVES", hashes)
+    return shelf
+
+
+def test_the_chapters_find_the_archives_beside_the_project_and_extract_them_once(tmp_path, monkeypatch):
+    shelf = _archives(tmp_path, monkeypatch)
+    project = tmp_path / "book-checkout"
+    project.mkdir()
+    (project / "_toc.yml").write_text("root: index\n")
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("KD_DATA_DIR", raising=False)
+    assert shelf == project.parent / "shared" / "data"   # as on the machines that build the book
+    found = D.find_data()
+    assert found == project / ".data" / "cifar10-png" and (found / ".complete").is_file()
+    d = D.load_cifar10(verbose=False)
+    assert d.source == "cifar10-png" and len(d.train_y) == 10 and len(d.test_y) == 10
+    assert not (project / "data").exists()          # nothing left behind where no data is
+    stamp = (found / ".complete").stat().st_mtime_ns
+    assert D.find_data() == found and (found / ".complete").stat().st_mtime_ns == stamp   # once
+    assert D.find_data(tmp_path / "elsewhere") == tmp_path / "elsewhere"   # asked for: obeyed
+    monkeypatch.setenv("KD_DATA_DIR", str(tmp_path / "env"))
+    assert D.find_data() == tmp_path / "env"
+
+
+def test_a_damaged_archive_is_refused_with_its_name(tmp_path, monkeypatch):
+    shelf = _archives(tmp_path, monkeypatch)
+    name = next(iter(D.PNG_ARCHIVES))
+    (shelf / name).write_bytes(b"not the archive")
+    with pytest.raises(D.BadDataError, match=f"{name} has sha256"):
+        D.extract_archives(shelf, tmp_path / "out")
+    assert not (tmp_path / "out" / ".complete").exists()

@@ -59,14 +59,6 @@ def module(tmp_path, monkeypatch):
     sys.modules.pop(name, None)
 
 
-@pytest.fixture
-def tiny():
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(96) % 10
-    x = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=g)
-    x[:, 0] = (y * 25).to(torch.uint8).view(-1, 1, 1)
-    return ImageData(x[:64], y[:64], x[64:], y[64:], kd.data.CIFAR10_CLASSES, "synthetic")
-
 
 def test_a_fingerprint_follows_the_code_a_step_calls_and_ignores_comments_and_docstrings(module, tmp_path):
     m = module()

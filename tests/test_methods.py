@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 import kdutils as kd
-from kdutils.data import ImageData
 from kdutils.loop import Progress, Teacher
 from kdutils.settings import RunOptions
 from kdutils.train import Recipe, fit
@@ -18,14 +17,6 @@ from kdutils.train import Recipe, fit
 BOOK_METHODS = {"ce", "kd", "cosine", "hint", "feature_kd", "hook_sd", "byot", "kd_unlabelled",
                 "kd_inconsistent"}
 
-
-@pytest.fixture
-def tiny():
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(96) % 10
-    x = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=g)
-    x[:, 0] = (y * 25).to(torch.uint8).view(-1, 1, 1)  # a learnable signal in the red channel
-    return ImageData(x[:64], y[:64], x[64:], y[64:], kd.data.CIFAR10_CLASSES, "synthetic")
 
 
 @pytest.fixture

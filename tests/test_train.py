@@ -12,7 +12,6 @@ import torch
 import kdutils as kd
 from kdutils import book
 from kdutils.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_state_dict_strict
-from kdutils.data import ImageData
 from kdutils.loop import Teacher, TrainingDiverged
 from kdutils.settings import RunOptions
 from kdutils.train import Recipe, fit
@@ -21,14 +20,6 @@ from kdutils.train import Recipe, fit
 CHAPTER = {"ce": "baseline", "kd": "hinton_kd", "cosine": "cosine_hidden_state",
            "hint": "intermediate_regressor"}
 
-
-@pytest.fixture
-def tiny():
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(96) % 10
-    x = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=g)
-    x[:, 0] = (y * 25).to(torch.uint8).view(-1, 1, 1)  # a learnable signal in the red channel
-    return ImageData(x[:64], y[:64], x[64:], y[64:], kd.data.CIFAR10_CLASSES, "synthetic")
 
 
 def _options(tmp_path, ckpt, results, **kw):
