@@ -268,14 +268,15 @@ def _cached(root: Path, source: str, fingerprint: str, read, verbose: bool) -> I
             tensors = None  # a stale or damaged cache is rebuilt from the images
     if tensors is None:
         if verbose:
-            print(f"Decoding CIFAR-10 from {root} once; the tensors are cached in {cache.parent}")
+            print(f"Decoding CIFAR-10 from {settings.shown_path(root)} once; the tensors are cached "
+                  f"in {settings.shown_path(cache.parent)}")
         tensors = read()
         try:
             atomic_save({"version": _CACHE_VERSION, "fingerprint": fingerprint,
                          "tensors": tensors}, cache)
         except OSError as e:  # a read-only data folder still works, only slower next time
             if verbose:
-                print(f"(could not write the cache {cache}: {e})")
+                print(f"(could not write the cache {settings.shown_path(cache)}: {e.strerror or e})")
     return ImageData(tensors["train_x"], tensors["train_y"], tensors["test_x"], tensors["test_y"],
                      CIFAR10_CLASSES, source)
 

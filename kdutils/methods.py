@@ -208,14 +208,23 @@ def feature_kd_step(model, x, y, t, *, feature_weight=0.3):
             "feature": feature_weight * F.mse_loss(s_map, t_map.float())}
 
 
-# ---- chapter 6: KD when only some images have a label ---------------------------------------
+# ---- chapter 6: distillation when only some images have a label ----------------------------
 def kd_unlabelled_step(model, x, y, t, *, T=5.0, alpha=0.5):
-    """``alpha * T^2 * KL(p^T || q^T)`` on every image + ``(1 - alpha) * CE`` on the images
-    whose ``t["labelled"]`` is True (a batch without any contributes no cross-entropy)."""
+    """Per image, ``alpha * T^2 * KL(p^T || q^T)``, plus ``(1 - alpha) * CE`` where
+    ``t["labelled"]`` is True; both terms are means over the whole batch, so a labelled image
+    weighs the same whatever the number of labelled images its batch happens to hold."""
+    s = model(x)
+    hard = F.cross_entropy(s, y, reduction="none") * t["labelled"]
+    return {"kd": alpha * soft_target_loss(s, t["logits"], T), "ce": (1 - alpha) * hard.mean()}
+
+
+def pseudo_label_step(model, x, y, t):
+    """Cross-entropy with each image's label where it has one, else with the teacher's top
+    class (a hard pseudo-label): distillation that throws the soft targets' detail away."""
     s = model(x)
     has = t["labelled"]
-    hard = ce_loss(s[has], y[has]) if bool(has.any()) else s.sum() * 0.0
-    return {"kd": alpha * soft_target_loss(s, t["logits"], T), "ce": (1 - alpha) * hard}
+    loss = F.cross_entropy(s, torch.where(has, y, t["logits"].argmax(1)), reduction="none")
+    return {"ce": (loss * has).mean(), "pseudo": (loss * ~has).mean()}
 
 
 # ---- the registry --------------------------------------------------------------------------
@@ -250,6 +259,7 @@ METHODS = {
     "hint": Method(hint_step, hint_targets, wrapped_in(HintStudent)),
     "dkd": Method(dkd_step, kd_targets),
     "kd_unlabelled": Method(kd_unlabelled_step, kd_targets),
+    "pseudo_label": Method(pseudo_label_step, kd_targets),
     "kd_inconsistent": Method(kd_step, kd_targets, teacher_sees="image"),
     "byot": Method(byot_step),
     "hook_sd": Method(hook_sd_step, wrap=wrapped_in(HookSelfDistill)),

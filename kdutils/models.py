@@ -7,8 +7,13 @@ cosine (chapter 4) and hint (chapter 5) losses need: no copies of the classes.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+
 import torch
 from torch import nn
+
+from . import settings
 
 
 def _conv(cin: int, cout: int) -> nn.Conv2d:
@@ -164,12 +169,14 @@ def pretrained_resnet18(num_classes: int = 10) -> nn.Module:
     to do when the weights cannot be downloaded and are not in torch's cache."""
     import torchvision
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-    try:
-        net = torchvision.models.resnet18(weights=weights)
+    try:   # torch announces the download with the cache's full path: not on a page
+        with contextlib.redirect_stderr(io.StringIO()):
+            net = torchvision.models.resnet18(weights=weights)
     except Exception as e:  # URLError, socket errors, proxy errors, a truncated file...
         raise WeightsUnavailable(
             f"the ImageNet weights of ResNet18 ({weights.url}) could not be loaded "
-            f"({type(e).__name__}: {e}). Either put the file in {torch.hub.get_dir()}/checkpoints/ "
+            f"({type(e).__name__}). Either put the file in "
+            f"{settings.shown_path(torch.hub.get_dir())}/checkpoints/ "
             "(torch's cache), or set teacher_weights='none' to train the teacher from scratch "
             "on the chapter's data.") from None
     net.fc = nn.Linear(net.fc.in_features, num_classes)

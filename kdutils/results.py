@@ -286,3 +286,17 @@ def paired_interval(differences, confidence: float = 0.95) -> dict:
     half = stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * std / len(d) ** 0.5
     return {"diff_mean": mean, "diff_std": std, "ci_low": mean - half, "ci_high": mean + half,
             "significant": bool(abs(mean) > half)}
+
+
+def interaction(records, *, by: str, low, high, method: str, baseline: str,
+                label: str = "method", confidence: float = 0.95) -> dict:
+    """How much ``method``'s gain over ``baseline`` changes when column ``by`` goes from ``low``
+    to ``high`` (a difference of differences): per seed, (method - baseline at ``high``) -
+    (method - baseline at ``low``), with its ``confidence`` interval (:func:`paired_interval`)
+    over the seeds that have all four runs. Positive: the gain grows."""
+    acc = records.pivot_table(index="seed", columns=[by, label], values="test_acc")
+    missing = [(v, m) for v in (low, high) for m in (method, baseline) if (v, m) not in acc]
+    if missing:
+        raise ValueError(f"no runs for {', '.join(f'{label}={m!r} at {by}={v!r}' for v, m in missing)}")
+    d = (acc[(high, method)] - acc[(high, baseline)]) - (acc[(low, method)] - acc[(low, baseline)])
+    return {**paired_interval(d.dropna(), confidence), "seeds": int(d.notna().sum())}

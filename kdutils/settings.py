@@ -44,6 +44,16 @@ def _folder(value: str | Path | None, var: str, default_name: str) -> Path:
     return project_root() / default_name
 
 
+def shown_path(path: str | Path) -> str:
+    """``path`` as a page or a message may show it: relative to the project (``results``), else
+    to the home folder (``~/.cache/...``), else its name alone; never a machine's full path."""
+    p = Path(path).expanduser().resolve()
+    for base, prefix in ((project_root(), ""), (Path.home(), "~/")):
+        if p == base.resolve() or base.resolve() in p.parents:
+            return prefix + str(p.relative_to(base.resolve()))
+    return p.name
+
+
 def data_dir(value: str | Path | None = None) -> Path:
     """``value``, else ``$KD_DATA_DIR``, else ``<project>/data``."""
     return _folder(value, DATA_VAR, "data")

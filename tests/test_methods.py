@@ -14,7 +14,7 @@ from kdutils.settings import RunOptions
 from kdutils.train import Recipe, fit
 
 # the methods the book's chapters train, and the one they do not (yet)
-BOOK_METHODS = {"ce", "kd", "cosine", "hint", "feature_kd", "hook_sd", "byot", "kd_unlabelled",
+BOOK_METHODS = {"ce", "kd", "cosine", "hint", "feature_kd", "hook_sd", "byot", "kd_unlabelled", "pseudo_label",
                 "kd_inconsistent"}
 
 
@@ -221,8 +221,8 @@ def test_the_loop_gives_progress_to_a_step_that_asks_for_it(tiny, options):
 
 # ---- d): the registry --------------------------------------------------------------------------
 
-# the terms each step returns (ce's step is the plain loss, one tensor)
-TERMS = {"ce": ["ce"], "kd": ["kd", "ce"], "kd_inconsistent": ["kd", "ce"],
+# the terms each step returns
+TERMS = {"ce": ["ce"], "pseudo_label": ["ce", "pseudo"], "kd": ["kd", "ce"], "kd_inconsistent": ["kd", "ce"],
          "kd_unlabelled": ["kd", "ce"], "cosine": ["cosine", "ce"], "hint": ["hint", "ce"],
          "dkd": ["ce", "tckd", "nckd"], "byot": ["ce", "kd", "feature"], "hook_sd": ["hook", "ce"],
          "feature_kd": ["ce", "feature"]}
@@ -270,7 +270,7 @@ def test_every_registered_step_returns_its_named_terms_on_a_tiny_batch(method):
     if targets is not None:
         with torch.no_grad():
             t = targets(teacher, x)
-    if method == "kd_unlabelled":
+    if method in ("kd_unlabelled", "pseudo_label"):
         t["labelled"] = torch.tensor([True, False, True, False])
     out = kd.methods.METHODS[method].step(student, x, y, t)
     assert isinstance(out, dict) and list(out) == TERMS[method]

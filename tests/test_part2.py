@@ -284,7 +284,11 @@ def test_part_two_profiles(monkeypatch):
     assert (cpu.teacher_train_size, cpu.test_size) == (None, None)
     assert "teacher_train_size" not in book.chapters.check("resnet50_to_resnet18", profile="smoke")
     assert "teacher_train_size" not in book.chapters.check("self_distillation", profile="cpu")
-    assert book.chapters.check("resnet50_to_resnet18").epochs == 200
+    assert book.chapters.check("resnet50_to_resnet18", profile="full").epochs == 200
+    # "auto" (the chapters' default) is the GPU recipe on a GPU, the reduced one without
+    assert book.chapters.check("resnet50_to_resnet18", device="cpu").profile == "cpu"
+    assert book.chapters.check("resnet50_to_resnet18", device="cuda").epochs == 30
+    assert book.chapters.auto_profile("auto") == ("fast" if torch.cuda.is_available() else "cpu")
     assert book.chapters.check("pretrained_teacher", profile="cpu").dataset == "cifar10"
     with pytest.raises(book.params.ParameterError, match=r"parameter 'profile' = 'cpu' is not allowed: it must be one of 'full', 'smoke'"):
         book.chapters.check("hinton_kd", profile="cpu")

@@ -3,6 +3,7 @@ import json
 from dataclasses import replace
 
 import pandas as pd
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -205,7 +206,7 @@ def test_repeat_to_fills_a_set_of_the_requested_size_with_the_chosen_images():
     assert torch.bincount(rows, minlength=12)[[3, 7, 11]].tolist() == [34, 33, 33]
 
 
-def test_unlabelled_step_is_hinton_kd_with_labels_only_where_they_exist():
+def test_unlabelled_step_is_hinton_kd_with_labels_only_where_they_exist_each_image_weighed_alike():
     torch.manual_seed(0)
     net = torch.nn.Linear(5, 10)
     x, y, t = torch.randn(8, 5), torch.randint(0, 10, (8,)), torch.randn(8, 10)
@@ -220,7 +221,12 @@ def test_unlabelled_step_is_hinton_kd_with_labels_only_where_they_exist():
     s = net(x)
     got = step(net, x, y, {"logits": t, "labelled": some}, T=3.0, alpha=0.4)
     assert got["kd"].item() == pytest.approx(0.4 * kd.losses.soft_target_loss(s, t, 3.0).item(), rel=1e-6)
-    assert got["ce"].item() == pytest.approx(0.6 * F.cross_entropy(s[some], y[some]).item(), rel=1e-6)
+    # every image weighs 1/8 of the batch, labelled or not: the labelled images' cross-entropy
+    # is summed and divided by the batch, not averaged over the labelled ones (4 here), which
+    # weighed each label 8/4 times a soft target, and 100 times at 1% labels
+    per_image = F.cross_entropy(s, y, reduction="none")
+    assert got["ce"].item() == pytest.approx(0.6 * per_image[some].sum().item() / 8, rel=1e-6)
+    assert got["ce"].item() == pytest.approx(0.5 * 0.6 * F.cross_entropy(s[some], y[some]).item(), rel=1e-6)
     none = step(net, x, y, {"logits": t, "labelled": ~every}, T=3.0, alpha=0.4)
     assert none["ce"].item() == 0.0
     assert kd.losses.total(none).item() == pytest.approx(0.4 * kd.losses.soft_target_loss(s, t, 3.0).item(), rel=1e-6)
@@ -239,18 +245,42 @@ def test_few_label_runs_train_every_arm_with_the_same_steps_and_record_the_fract
                                   batch_size=20, **dirs)
     got = [(r.record["method"], r.record["params"]["fraction"], r.record["params"]["labelled"])
            for r in runs]
-    assert got == [("ce", 0.2, 20), ("kd", 0.2, 20), ("kd_unlabelled", 0.2, 20),
-                   ("ce", 1.0, 100), ("kd", 1.0, 100)]
+    assert got == [("ce", 0.2, 20), ("kd", 0.2, 20), ("kd_unlabelled", 0.2, 20), ("soft_only", 0.2, 20),
+                   ("pseudo_label", 0.2, 20), ("ce", 1.0, 100), ("kd", 1.0, 100)]
+    assert runs[3].record["params"]["alpha"] == 1.0 and runs[2].record["params"]["alpha"] == 0.5
+    assert "alpha" not in runs[4].record["params"]
     assert {r.record["train_size"] for r in runs} == {100}
     assert {len(r.record["history"]) for r in runs} == {1}
-    assert len({r.record["run_key"] for r in runs}) == 5
+    assert len({r.record["run_key"] for r in runs}) == 7
     logits_file = list((kd.settings.ckpt_dir(dirs["options"].ckpt_dir) / "teacher").glob("*.logits.pt"))
     assert len(logits_file) == 1
     table = regimes.fraction_table(kd.results.to_frame(runs))
-    assert list(table.method) == ["ce", "kd", "kd_unlabelled", "ce", "kd"]
+    assert list(table.method) == ["ce", "kd", "kd_unlabelled", "soft_only", "pseudo_label", "ce", "kd"]
+    ce = table.set_index(["fraction", "method"])["acc_mean"]
+    kd_row = table[(table.fraction == 0.2) & (table.method == "kd")].iloc[0]
+    gap = ce[(1.0, "ce")] - ce[(0.2, "ce")]
+    with np.errstate(divide="ignore", invalid="ignore"):   # tiny runs may tie: no gap to recover
+        expected = np.float64(kd_row["acc_mean"] - ce[(0.2, "ce")]) / np.float64(gap)
+    assert kd_row["recovered"] == pytest.approx(expected, nan_ok=True)
+    assert table[table.fraction == 1.0]["recovered"].isna().all()
     again = regimes.few_label_runs(data, teacher, fractions=[0.2], seeds=[0], epochs=1,
                                    batch_size=20, arms=("kd_unlabelled",), **dirs)
     assert again[0].record == runs[2].record  # a finished run is only reloaded
+
+
+def test_pseudo_labels_are_the_teachers_top_class_where_no_label_is():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(5, 10)
+    x, y, t = torch.randn(6, 5), torch.randint(0, 10, (6,)), torch.randn(6, 10)
+    has = torch.tensor([True, False, True, False, False, True])
+    out = kd.methods.pseudo_label_step(net, x, y, {"logits": t, "labelled": has})
+    s = net(x)
+    target = torch.where(has, y, t.argmax(1))
+    per_image = F.cross_entropy(s, target, reduction="none")
+    assert list(out) == ["ce", "pseudo"]
+    assert out["ce"].item() == pytest.approx(per_image[has].sum().item() / 6, rel=1e-6)
+    assert out["pseudo"].item() == pytest.approx(per_image[~has].sum().item() / 6, rel=1e-6)
+    assert kd.losses.total(out).item() == pytest.approx(F.cross_entropy(s, target).item(), rel=1e-6)
 
 
 # ---- beyond accuracy -------------------------------------------------------------------------
@@ -478,9 +508,45 @@ def test_temperature_grid_pairs_each_cell_with_cross_entropy(dirs):
         assert row.seeds == 2
         assert row.diff_mean == pytest.approx(diff.mean())
         assert row.ci_low < row.diff_mean < row.ci_high or diff.std() == 0
+    assert "chosen" not in table   # no held-out set: nothing may be chosen from these runs
     with pytest.raises(ValueError, match="at least one"):
         regimes.temperature_grid(data, teacher, temperatures=[], alphas=[0.5], fraction=0.2,
                                  seeds=[0], epochs=1, **dirs)
+
+
+def test_the_grid_cell_is_chosen_on_held_out_training_images_not_the_test_set(dirs):
+    data = _tiny(100)
+    teacher = _views_teacher(data, dirs)
+    runs = regimes.temperature_grid(data, teacher, temperatures=[1.0, 4.0], alphas=[0.5],
+                                    fraction=0.5, seeds=[0, 1], epochs=2, batch_size=20,
+                                    val_size=30, **dirs)
+    frame = kd.results.to_frame(runs)
+    assert set(frame["train_size"]) == {70}   # 30 of the 100 training images held out
+    table = regimes.grid_table(frame)
+    val = frame.assign(v=[h[-1]["val_acc"] for h in frame["history"]])
+    for row in table.itertuples():
+        cell = val[val["params"].map(lambda p: p.get("T") == row.T)]
+        assert row.val_mean == pytest.approx(cell["v"].mean())
+    assert table["chosen"].sum() == 1
+    assert table.loc[table["chosen"], "val_mean"].item() == table["val_mean"].max()
+
+
+def test_an_interaction_is_the_change_of_a_paired_gain_with_its_interval():
+    import pandas as pd
+    rows = []
+    # per seed: KD - CE is +1 at 10 epochs and +3, +2, +4 at 40: the gain grows by 2, 1, 3
+    for seed, (ce10, kd10, ce40, kd40) in enumerate([(60, 61, 64, 67), (62, 63, 65, 67), (61, 62, 63, 67)]):
+        rows += [dict(seed=seed, epochs=e, method=m, test_acc=float(a))
+                 for e, m, a in ((10, "ce", ce10), (10, "kd", kd10), (40, "ce", ce40), (40, "kd", kd40))]
+    rows.append(dict(seed=3, epochs=10, method="ce", test_acc=50.0))   # an unpaired run is left out
+    got = kd.results.interaction(pd.DataFrame(rows), by="epochs", low=10, high=40, method="kd",
+                                 baseline="ce")
+    assert got["seeds"] == 3 and got["diff_mean"] == pytest.approx(2.0)
+    half = 4.302653 * 1.0 / 3 ** 0.5   # t(0.975, 2 df) * std / sqrt(n); the std of 2, 1, 3 is 1
+    assert (got["ci_low"], got["ci_high"]) == (pytest.approx(2 - half), pytest.approx(2 + half))
+    with pytest.raises(ValueError, match="method='dkd' at epochs=40"):
+        kd.results.interaction(pd.DataFrame(rows), by="epochs", low=10, high=40, method="dkd",
+                               baseline="ce")
 
 
 def test_paired_comparison_pairs_by_seed_and_its_interval_says_what_it_shows():

@@ -403,7 +403,9 @@ def _airbench_record(net, data, recipe, profile, dev, history, key, setup_s, ste
 
 @torch.no_grad()
 def _lookahead(net: nn.Module, average: dict, decay: float) -> None:
-    """Move the running average towards the weights by ``1 - decay``; the weights take it."""
+    """Move the running average towards the weights by ``1 - decay`` (decay grows from 0 to
+    0.77 over training: the average leans more on its own past as training ends); the weights
+    take it."""
     for (name, avg), value in zip(average.items(), net.state_dict().values()):
         if value.is_floating_point():
             avg.lerp_(value, 1 - decay)

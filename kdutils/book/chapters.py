@@ -79,7 +79,7 @@ COMMON = {"profile": choice(*PART_ONE_PROFILES), "dataset": choice(*DATASETS),
           "seeds": seeds, "device": device, "data_dir": optional_path, "ckpt_dir": optional_path,
           "results_dir": optional_path, "progress": boolean}
 TEACHER = {"teacher": choice(*MODELS), "teacher_epochs": positive_int}
-PART_TWO = {**COMMON, "profile": choice(*PROFILES), "teacher_epochs": positive_int,
+PART_TWO = {**COMMON, "profile": choice(*PROFILES, "auto"), "teacher_epochs": positive_int,
             "schedule": choice(*SCHEDULES), "amp": choice("auto", "bf16", "fp16", "off"),
             "channels_last": boolean, "compile": boolean}
 
@@ -89,7 +89,7 @@ TUTORIAL_RECIPE = {"profile": "full", "dataset": "cifar10", "epochs": 10, "batch
                    "ckpt_dir": None, "results_dir": None, "progress": True, "teacher": "deepnn",
                    "teacher_epochs": 10}
 # R1/R2's recipe: SGD 0.1 (momentum 0.9, weight decay 5e-4), batch 128, cosine over 200 epochs.
-RESNET_RECIPE = {"profile": "full", "dataset": "cifar10", "epochs": 200, "teacher_epochs": 200,
+RESNET_RECIPE = {"profile": "auto", "dataset": "cifar10", "epochs": 200, "teacher_epochs": 200,
                  "batch_size": 128, "lr": 0.1, "schedule": "cosine", "seeds": [0, 1, 2],
                  "device": "auto", "amp": "auto", "channels_last": True, "compile": False,
                  "data_dir": None, "ckpt_dir": None, "results_dir": None, "progress": True}
@@ -292,7 +292,17 @@ def check(name: str, **values: Any) -> Params:
                                  f"it must be {e}") from None
     if ch.check is not None:
         ch.check(out)
+    if out.get("profile") == "auto":
+        out["profile"] = auto_profile(out.device)
     return _apply_profile(out, ch)
+
+
+def auto_profile(device: str) -> str:
+    """What a Part II chapter's ``profile = "auto"`` runs: ``fast`` where the chapter's device is
+    a CUDA GPU (``"auto"`` finds one, or one is named), ``cpu`` elsewhere."""
+    import torch
+    gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return "fast" if gpu else "cpu"
 
 
 def _apply_profile(p: Params, ch: Chapter) -> Params:

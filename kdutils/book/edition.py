@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import datetime as dt
 import itertools
 import json

@@ -39,7 +39,7 @@ def setup(namespace: dict, chapter: str, box: str | None = None):
 
     ``namespace`` is the notebook's ``globals()``, holding its parameter cell as papermill
     may have overridden it. Returns ``(P, data)``: the checked parameters and the images of
-    :func:`kdutils.recipes.load_data`. It prints the run's description, the data's source and
+    :func:`kdutils.book.recipes.load_data`. It prints the run's description, the data's source and
     the device. With ``box``, a glue prefix such as ``"c7"``, it also stores what the page's
     "this run" box quotes: ``{box}_profile``, ``_train_size``, ``_test_size``, ``_device`` and
     ``_profile_says`` (what the profile's numbers can and cannot say).

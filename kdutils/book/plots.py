@@ -79,15 +79,17 @@ def accuracy_vs_time(runs: dict, ax=None, title=None):
 
 def label_fractions(table, ax=None, title=None):
     """Mean accuracy against the fraction of labelled images (log scale), one line per arm,
-    from :func:`kdutils.regimes.fraction_table`; bars show the spread (std) over seeds."""
+    from :func:`kdutils.book.regimes.fraction_table`; bars show the spread (std) over seeds."""
     ax = ax or plt.subplots(figsize=(6, 3.8))[1]
     names = {"ce": "cross-entropy on the labelled images",
              "kd": "KD on the labelled images",
-             "kd_unlabelled": "KD on all images, labels on the fraction"}
+             "kd_unlabelled": "KD on all images, labels on the fraction",
+             "soft_only": "soft targets on all images, no label",
+             "pseudo_label": "teacher's top class where no label"}
     for i, (method, group) in enumerate(table.groupby("method", sort=False)):
         group = group.sort_values("fraction")
         ax.errorbar(group["fraction"] * 100, group["acc_mean"], yerr=group["acc_std"].fillna(0),
-                    marker="os^"[i % 3], ms=5, capsize=3, color=f"C{i}",
+                    marker="os^Dv"[i % 5], ms=5, capsize=3, color=f"C{i}",
                     label=names.get(method, method))
     ax.set_xscale("log")
     ticks = sorted(set(table["fraction"] * 100))
@@ -98,14 +100,14 @@ def label_fractions(table, ax=None, title=None):
 
 def accuracy_by_epochs(table, ax=None, title=None):
     """Mean accuracy against the number of epochs, one line per arm, from
-    :func:`kdutils.regimes.view_table`; bars show the spread (std) over seeds."""
+    :func:`kdutils.book.regimes.view_table`; bars show the spread (std) over seeds."""
     ax = ax or plt.subplots(figsize=(5.5, 3.8))[1]
     names = {"ce": "cross-entropy", "kd": "KD, teacher on the student's view (consistent)",
              "kd_inconsistent": "KD, teacher on the plain image (inconsistent)"}
     for i, (method, group) in enumerate(table.groupby("method", sort=False)):
         group = group.sort_values("epochs")
         ax.errorbar(group["epochs"], group["acc_mean"], yerr=group["acc_std"].fillna(0),
-                    marker="os^"[i % 3], ms=5, capsize=3, color=f"C{i}",
+                    marker="os^Dv"[i % 5], ms=5, capsize=3, color=f"C{i}",
                     label=names.get(method, method))
     ax.set_xticks(sorted(set(table["epochs"])))
     return _finish(ax, "epochs", "test accuracy (%)", title, "lower right")
@@ -113,7 +115,7 @@ def accuracy_by_epochs(table, ax=None, title=None):
 
 def grid_heatmap(table, value: str = "diff_mean", ax=None, title=None):
     """A heatmap of ``value`` over temperature (rows) and soft-target weight (columns), from
-    :func:`kdutils.regimes.grid_table`; each cell also prints its 95% interval, and cells
+    :func:`kdutils.book.regimes.grid_table`; each cell also prints its 95% interval, and cells
     whose interval excludes zero are framed."""
     import numpy as np
     grid = table.pivot(index="T", columns="alpha", values=value)
@@ -142,7 +144,7 @@ def grid_heatmap(table, value: str = "diff_mean", ax=None, title=None):
 
 def reliability(curves: dict, ax=None, title=None):
     """Reliability diagram: accuracy against confidence per bin, one line per model;
-    ``curves`` maps a label to :func:`kdutils.regimes.calibration`'s result."""
+    ``curves`` maps a label to :func:`kdutils.book.regimes.calibration`'s result."""
     ax = ax or plt.subplots(figsize=(4.4, 4.2))[1]
     ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="perfectly calibrated")
     for i, (label, c) in enumerate(curves.items()):

@@ -13,6 +13,7 @@ distilled student shares with its teacher beyond accuracy (chapter "When does di
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -31,7 +32,11 @@ from ..settings import RunOptions
 from ..train import Recipe, Run, fit, pick_device
 
 CHAPTER = "when_distillation_pays"
-ARMS = ("ce", "kd", "kd_unlabelled")
+ARMS = ("ce", "kd", "kd_unlabelled", "soft_only", "pseudo_label")
+# an arm that is a registered method at other loss weights: its method and those weights
+ARM_METHODS = {"soft_only": ("kd_unlabelled", {"alpha": 1.0})}
+# the arms that learn from every training image, labelled or not
+ALL_IMAGES = ("kd_unlabelled", "soft_only", "pseudo_label")
 VIEW_ARMS = ("ce", "kd", "kd_inconsistent")
 
 
@@ -54,11 +59,10 @@ def label_subset(labels: torch.Tensor, fraction: float, seed: int,
 
 def repeat_to(data: ImageData, idx: torch.Tensor, size: int) -> tuple[ImageData, torch.Tensor]:
     """A training set of ``size`` images made of the images ``idx``, repeated in turn (the
-    test set is unchanged), and ``rows``: which original image each of its images is. One
-    epoch over it visits every chosen image about ``size / len(idx)`` times."""
+    test and validation sets are unchanged), and ``rows``: which original image each of its
+    images is. One epoch over it visits every chosen image about ``size / len(idx)`` times."""
     rows = idx.repeat(-(-size // len(idx)))[:size]
-    return (ImageData(data.train_x[rows], data.train_y[rows], data.test_x, data.test_y,
-                      data.classes, data.source, data.mean, data.std, data.folder), rows)
+    return replace(data, train_x=data.train_x[rows], train_y=data.train_y[rows]), rows
 
 
 def train_logits(teacher: Run, data: ImageData, device="auto", ckpt_dir=None) -> torch.Tensor:
@@ -97,7 +101,12 @@ def few_label_runs(data: ImageData, teacher: Run, *, fractions, seeds, epochs: i
     * ``ce``: cross-entropy on the labelled images;
     * ``kd``: Hinton's loss on the same images (the teacher's soft targets and the labels);
     * ``kd_unlabelled``: the soft targets on *all* training images, labels only where they
-      exist (at fraction 1 it is ``kd`` and is skipped).
+      exist (at fraction 1 it is ``kd`` and is skipped);
+    * ``soft_only``: the same at ``alpha = 1``: the soft targets alone, no label at all;
+    * ``pseudo_label``: cross-entropy on all images, with the teacher's top class where an
+      image has no label (hard pseudo-labels).
+
+    The arms on all images are skipped at fraction 1, where they add nothing to ``kd``.
 
     Every run takes ``epochs`` passes over a training set as large as the full one
     (:func:`repeat_to`), so all runs make the same number of optimiser steps. The labelled
@@ -122,11 +131,11 @@ def few_label_runs(data: ImageData, teacher: Run, *, fractions, seeds, epochs: i
             recipe = Recipe(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
             labelled, rows = repeat_to(data, idx, len(data.train_y))
             for arm in arms:
-                if arm == "kd_unlabelled" and fraction == 1:
+                if arm in ALL_IMAGES and fraction == 1:
                     continue
-                weights = {} if arm == "ce" else {"T": T, "alpha": alpha}
+                weights = {"T": T, "alpha": alpha} if arm in ("kd", "kd_unlabelled", "soft_only") else {}
                 table = partial(_few_label_table, arm, all_logits, idx, rows)
-                runs.append(_train_arm(arm, data if arm == "kd_unlabelled" else labelled, recipe,
+                runs.append(_train_arm(arm, data if arm in ALL_IMAGES else labelled, recipe,
                                        teacher, table, weights,
                                        {"fraction": fraction, "labelled": len(idx)}, options))
     return runs
@@ -148,8 +157,9 @@ def _train_arm(arm: str, data, recipe, teacher: Run, table, weights: dict, extra
     """One LightNN run of chapter 6 by method ``arm`` (:data:`kdutils.methods.METHODS`) with
     the teacher's outputs from ``table()`` (computed only if the run trains); ``extra``
     describes the run's images in its record."""
-    method = METHODS[arm]
-    weights = method_weights(arm, weights) if weights else {}
+    name, fixed = ARM_METHODS.get(arm, (arm, {}))
+    method = METHODS[name]
+    weights = method_weights(name, {**weights, **fixed}) if weights or fixed else {}
     step = partial(method.step, **weights) if weights else method.step
     with_teacher = None
     if method.targets is not None:
@@ -161,13 +171,18 @@ def _train_arm(arm: str, data, recipe, teacher: Run, table, weights: dict, extra
 
 def temperature_grid(data: ImageData, teacher: Run, *, temperatures, alphas, fraction: float,
                      seeds, epochs: int, logits: torch.Tensor | None = None,
-                     **kwargs) -> list[Run]:
+                     val_size: int | None = None, **kwargs) -> list[Run]:
     """KD on the labelled images (arm ``kd`` of :func:`few_label_runs`) for every temperature
     ``T`` in ``temperatures`` and soft-target weight ``alpha`` in ``alphas``, at one label
-    ``fraction``, plus the cross-entropy runs it is paired with. ``kwargs`` go to
-    :func:`few_label_runs` (batch size, learning rate, run options)."""
+    ``fraction``, plus the cross-entropy runs it is paired with. With ``val_size``, that many
+    training images are held out first (:meth:`~kdutils.data.ImageData.holdout`) and every run
+    records its accuracy on them, so that :func:`grid_table` can choose a cell without looking
+    at the test set. ``kwargs`` go to :func:`few_label_runs` (batch size, learning rate, run
+    options)."""
     if not temperatures or not alphas:
         raise ValueError("temperatures and alphas must each hold at least one value")
+    if val_size:
+        data, logits = data.holdout(val_size), None   # the teacher's table: of the rest
     runs = few_label_runs(data, teacher, fractions=[fraction], seeds=seeds, epochs=epochs,
                           arms=("ce",), logits=logits, **kwargs)
     for T in temperatures:
@@ -179,8 +194,10 @@ def temperature_grid(data: ImageData, teacher: Run, *, temperatures, alphas, fra
 
 
 def grid_table(records, confidence: float = 0.95):
-    """One row per (T, alpha) of :func:`temperature_grid`'s runs: seeds, mean accuracy, and
-    the difference to cross-entropy paired by seed with its ``confidence`` interval."""
+    """One row per (T, alpha) of :func:`temperature_grid`'s runs: seeds, mean accuracy, the
+    difference to cross-entropy paired by seed with its ``confidence`` interval and, for runs
+    with a held-out set, the mean last-epoch validation accuracy (``val_mean``) and
+    ``chosen``: True for the cell with the best one (the choice the test set never sees)."""
     params = records["params"]
     cell = [("ce" if m == "ce" else f"T={p['T']:g}, alpha={p['alpha']:g}")
             for m, p in zip(records["method"], params)]
@@ -189,6 +206,11 @@ def grid_table(records, confidence: float = 0.95):
     by_cell = dict(zip(cell, params))
     kd_rows.insert(0, "T", [by_cell[c]["T"] for c in kd_rows["cell"]])
     kd_rows.insert(1, "alpha", [by_cell[c]["alpha"] for c in kd_rows["cell"]])
+    val = [h[-1].get("val_acc") for h in records["history"]]
+    if all(v is not None for v in val):
+        means = records.assign(cell=cell, val=val).groupby("cell")["val"].mean()
+        kd_rows["val_mean"] = kd_rows["cell"].map(means)
+        kd_rows["chosen"] = kd_rows.index == kd_rows["val_mean"].idxmax()
     return kd_rows.drop(columns="cell").sort_values(["T", "alpha"]).reset_index(drop=True)
 
 
@@ -320,8 +342,10 @@ def teacher_agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 def fraction_table(records, confidence: float = 0.95):
     """Per label fraction and arm: seeds, mean accuracy, the paired difference to ``ce`` with
-    its ``confidence`` interval, and the CPU minutes of all its runs. ``records`` come from
-    :func:`few_label_runs` (via :func:`kdutils.results.to_frame`)."""
+    its ``confidence`` interval, the share of the labelled-data gap it recovers (``recovered``:
+    its gain over ``ce`` at this fraction divided by the gain all labels give ``ce``; NaN at
+    fraction 1 or without a run on all labels) and the CPU minutes of all its runs.
+    ``records`` come from :func:`few_label_runs` (via :func:`kdutils.results.to_frame`)."""
     import pandas as pd
     records = records.assign(fraction=records["params"].map(lambda p: p["fraction"]))
     parts = []
@@ -332,6 +356,10 @@ def fraction_table(records, confidence: float = 0.95):
         parts.append(table.assign(fraction=fraction,
                                   labelled=int(group["params"].iloc[0]["labelled"])))
     cols = ["fraction", "labelled", "method", "seeds", "acc_mean", "acc_std", "diff_mean",
-            "ci_low", "ci_high", "significant", "cpu_min"]
+            "ci_low", "ci_high", "significant", "recovered", "cpu_min"]
     out = pd.concat(parts, ignore_index=True)
+    ce = out[out["method"] == "ce"].set_index("fraction")["acc_mean"]
+    full = ce.get(1.0, float("nan"))
+    gap = out["fraction"].map(full - ce).where(out["fraction"] < 1)
+    out["recovered"] = (out["acc_mean"] - out["fraction"].map(ce)) / gap
     return out[[c for c in cols if c in out]]
