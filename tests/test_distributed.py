@@ -16,6 +16,7 @@ import torch
 
 import kdutils as kd
 from kdutils import book
+import kdutils.book.cli  # noqa: F401  (a command: not imported by kdutils.book itself)
 
 WORKER = textwrap.dedent("""
     import json, sys, time, torch, kdutils as kd

@@ -70,6 +70,14 @@ def test_plans_follow_the_profile_and_estimates_add_up():
     assert chapters.plan(results.name, E.checked(results, {})) == []  # Results
 
 
+def test_part_one_plans_count_the_teacher_once_not_at_every_step():
+    # R5's recipe does not augment: the students look the teacher's outputs up in a table
+    ch = next(c for c in E.edition("full") if c.name == "hinton_kd")
+    plan = chapters.plan(ch.name, E.checked(ch, {}))
+    assert [(w.arch, w.epochs, w.runs, w.teacher, w.is_teacher) for w in plan] == [
+        ("deepnn", 10, 1, None, True), ("lightnn", 10, 5, None, False)]
+
+
 def test_the_speed_appendix_plans_each_network_twice_per_seed():
     ch = next(c for c in E.edition("full") if c.stem == "appendix_fast")
     full = chapters.plan(ch.name, E.checked(ch, {}))

@@ -17,6 +17,7 @@ from torch import nn
 
 import kdutils as kd
 from kdutils import book
+import kdutils.book.cli  # noqa: F401  (a command: not imported by kdutils.book itself)
 from kdutils.book.chapters import CHAPTERS
 from kdutils.runs import Run
 from kdutils.settings import RunOptions

@@ -10,5 +10,7 @@ cache), :mod:`~kdutils.book.airbench` (the strong CIFAR-10 teacher),
 :mod:`~kdutils.book.regimes` (chapter 6's experiments: few labels, fixed views, agreement)
 and :mod:`~kdutils.book.plots`.
 """
-from . import (airbench, chapters, cli, edition, notebook, params, plots, recipes,  # noqa: F401
-               regimes, teachers)
+# The two commands, cli (``python -m kdutils.book``) and edition (``python -m
+# kdutils.book.edition``), are left to be imported on their own: run as modules, they must not
+# be imported twice.
+from . import airbench, chapters, notebook, params, plots, recipes, regimes, teachers  # noqa: F401

@@ -117,11 +117,11 @@ def _weights_not_both_zero(first: str):
 
 # ---- what each chapter trains (the edition's estimates count the main comparisons) ----------
 def _part_one_plan(P) -> list[Work]:
+    # R5's recipe does not augment: the teacher's outputs are computed once, not at every step
     n, seeds_ = _train_images(P), len(P.seeds)
     student = P.get("student", "lightnn")
-    alongside = None if "T" not in P and "hidden_weight" not in P and "hint_weight" not in P else P.teacher
     return [Work(f"{P.teacher} teacher", P.teacher, n, P.teacher_epochs, 1, P.batch_size, is_teacher=True),
-            Work(f"{student} x{seeds_}", student, n, P.epochs, seeds_, P.batch_size, alongside)]
+            Work(f"{student} x{seeds_}", student, n, P.epochs, seeds_, P.batch_size)]
 
 
 def _resnet_plan(P) -> list[Work]:
