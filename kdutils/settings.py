@@ -54,6 +54,11 @@ def shown_path(path: str | Path) -> str:
     return p.name
 
 
+def shown_command(command: str) -> str:
+    """A command line as a page may show it: every absolute path in it through :func:`shown_path`."""
+    return " ".join(shown_path(w) if os.path.isabs(w) else w for w in command.split())
+
+
 def data_dir(value: str | Path | None = None) -> Path:
     """``value``, else ``$KD_DATA_DIR``, else ``<project>/data``."""
     return _folder(value, DATA_VAR, "data")

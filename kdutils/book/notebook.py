@@ -3,9 +3,10 @@ numbers its prose quotes (chapter 1 on). Nothing here trains or plots."""
 from __future__ import annotations
 
 import inspect
+import json
 
 from .. import results, train
-from . import chapters, params, recipes
+from . import audit, chapters, params, recipes
 
 
 def show_code(*objects) -> "object":
@@ -32,6 +33,17 @@ def glue(name: str, value, display: bool = False):
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):
         value = value.item()  # numpy / torch scalars: glue formats plain Python numbers only
     _glue(name, value, display=display)
+
+
+def glue_stat(name: str, statistic: str, arm, baseline=None) -> float:
+    """Glue ``statistic`` of the runs ``arm`` (records as a frame, e.g. from
+    :func:`kdutils.results.to_frame`), against ``baseline`` for a paired one, together with the
+    run keys it came from, so that :func:`kdutils.book.audit.audit_page` can recompute it from
+    the records later. Returns the value. Statistics: :data:`kdutils.book.audit.STATS`."""
+    value = audit.stat(statistic, arm, baseline)
+    glue(name, value)
+    glue(name + audit.SUFFIX, json.dumps({"stat": statistic, **audit.sources(arm, baseline)}))
+    return value
 
 
 def setup(namespace: dict, chapter: str, box: str | None = None):

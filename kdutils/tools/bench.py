@@ -336,7 +336,7 @@ def _memory_kept(rows: list[dict], args: argparse.Namespace, run: dict, compare:
 def _save(out: str | Path, argv, context: str, device: torch.device, rows: list[dict]) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps({
-        "command": f"{COMMAND} " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": settings.shown_command(f"{COMMAND} " + " ".join(argv if argv is not None else sys.argv[1:])),
         "context": context, "device": device_name(device), "torch_version": torch.__version__,
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "rows": rows}, indent=1))
