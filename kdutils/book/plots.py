@@ -59,6 +59,24 @@ def accuracy_points(records, label: str = "method", ax=None, title=None):
     return ax
 
 
+def experiments(runs, label: str = "experiment", ax=None, title=None):
+    """One line per experiment of ``runs`` (in their order): every seed's final accuracy as a
+    dot and the mean as a bar, labelled on the left; readable at page width."""
+    names = list(dict.fromkeys(runs[label]))
+    ax = ax or plt.subplots(figsize=(9, 0.34 * len(names) + 1.1))[1]
+    for i, name in enumerate(names):
+        acc = runs.loc[runs[label] == name, "test_acc"]
+        ax.scatter(acc, [i] * len(acc), s=16, alpha=0.6, color="C0", zorder=3)
+        ax.plot([acc.mean()] * 2, [i - 0.3, i + 0.3], color="black", lw=2)
+    ax.set_yticks(range(len(names)), names, fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlabel("final test accuracy (%): a dot per seed, a bar at the mean")
+    ax.grid(alpha=0.3, axis="x")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax
+
+
 def accuracy_vs_time(runs: dict, ax=None, title=None):
     """Test accuracy after every epoch against the cumulative training minutes, one line per
     teacher: ``runs`` maps a label to a run record (its ``history`` has ``seconds``)."""
