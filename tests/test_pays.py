@@ -313,6 +313,18 @@ def test_agreement_and_kl_with_the_teacher():
     assert regimes.kl_to_teacher(t + 2.0, t) == pytest.approx(0.0, abs=1e-5)
 
 
+def test_soft_entropy_is_zero_for_one_hot_targets_ln10_for_uniform_and_grows_with_temperature():
+    confident = torch.zeros(4, 10)
+    confident[:, 3] = 50.0
+    assert regimes.soft_entropy(confident) == pytest.approx(0.0, abs=1e-6)
+    assert regimes.soft_entropy(torch.full((4, 10), 2.0)) == pytest.approx(np.log(10), abs=1e-6)
+    # two classes at logits 0 and ln 3: p = (1/4, 3/4) at T = 1, (1/2, 1/2) in the limit of T
+    two = torch.tensor([[0.0, float(np.log(3.0))]])
+    assert regimes.soft_entropy(two) == pytest.approx(-(0.25 * np.log(0.25) + 0.75 * np.log(0.75)), abs=1e-6)
+    t = torch.randn(50, 10, generator=torch.Generator().manual_seed(1)) * 3
+    assert regimes.soft_entropy(t, 1.0) < regimes.soft_entropy(t, 5.0) < regimes.soft_entropy(t, 50.0) < np.log(10)
+
+
 # ---- summaries never average different runs as seeds ----------------------------------------
 
 def test_runs_that_differ_only_in_a_weight_are_not_averaged_as_seeds(dirs):

@@ -9,7 +9,8 @@ distilled student shares with its teacher beyond accuracy (chapter "When does di
 * :func:`few_label_runs` trains cross-entropy, KD on the same images, and KD with the
   teacher's soft targets on all training images, for each label fraction and seed.
 * :func:`teacher_agreement` and :func:`calibration` measure a student against its teacher:
-  top-1 agreement, KL divergence, expected calibration error and the reliability curve.
+  top-1 agreement, KL divergence, expected calibration error and the reliability curve;
+  :func:`soft_entropy` how soft a teacher's targets are at a temperature.
 """
 from __future__ import annotations
 
@@ -302,6 +303,13 @@ def patience_table(records, confidence: float = 0.95):
     out = pd.concat(parts, ignore_index=True)
     return out[["method", "versus", "epochs", "seeds", "acc_mean", "diff_mean", "ci_low",
                 "ci_high", "significant"]]
+
+
+def soft_entropy(logits: torch.Tensor, T: float = 1.0) -> float:
+    """Mean entropy, in nats, of ``softmax(logits / T)``: how soft a teacher's targets are at
+    temperature ``T`` (0 for one-hot targets, ``ln(classes)`` for uniform ones)."""
+    logp = F.log_softmax(logits.float() / T, 1)
+    return -(logp.exp() * logp).sum(1).mean().item()
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> float:
