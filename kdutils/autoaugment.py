@@ -72,7 +72,7 @@ def magnitude_bins(op: str, height: int = 32, width: int = 32) -> torch.Tensor |
 @dataclass(frozen=True)
 class Draws:
     """What each of ``n`` images drew, per slot (the sub-policy's first and second
-    operation): ``op`` (index into :data:`OPS`), ``applied`` and the signed ``magnitude``
+    operation): ``op`` (index into ``OPS``), ``applied`` and the signed ``magnitude``
     (0 for operations without one); all ``(n, 2)``, on the CPU."""
 
     op: torch.Tensor

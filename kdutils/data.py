@@ -109,7 +109,7 @@ PNG_ARCHIVES = {
 
 def find_data(data_dir: str | Path | None = None) -> Path:
     """The folder CIFAR-10 is read from, the same for a chapter, a test and the command line:
-    ``data_dir``, else ``$KD_DATA_DIR``, else the lossless PNG archives (:data:`PNG_ARCHIVES`)
+    ``data_dir``, else ``$KD_DATA_DIR``, else the lossless PNG archives (``PNG_ARCHIVES``)
     in ``<project>/data/`` or ``<project>/../shared/data/``, extracted once into
     ``<project>/.data/cifar10-png/``, else ``<project>/data/`` (where torchvision downloads)."""
     if data_dir is not None or os.environ.get(settings.DATA_VAR):
@@ -402,7 +402,7 @@ class TensorLoader:
     Yields ``(images, labels, indices)``: normalised float images, int64 labels, and the
     indices of the samples in the dataset (used to look up pre-computed teacher outputs; with
     ``views``, the index ``view * N + image`` of the image's view this epoch).
-    Call :meth:`set_epoch` before each epoch: the order and the augmentation of an epoch
+    Call :meth:`~kdutils.data.TensorLoader.set_epoch` before each epoch: the order and the augmentation of an epoch
     are a function of ``(seed, epoch)`` alone, so a resumed run sees the same batches.
     """
 
@@ -441,6 +441,7 @@ class TensorLoader:
         return self
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch whose order and augmentation the next pass draws (from the seed and it)."""
         self.epoch = epoch
 
     def _size(self) -> int:

@@ -252,6 +252,9 @@ def step_defaults(step: Callable) -> dict:
             if p.kind is p.KEYWORD_ONLY and name != "progress"}
 
 
+#: Every student method of the book by name.
+#:
+#: :meta hide-value:
 METHODS = {
     "ce": Method(ce_step),
     "kd": Method(kd_step, kd_targets),

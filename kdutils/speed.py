@@ -153,7 +153,7 @@ class Speed:
     ``Speed(chooser=kdutils.tools.chooser.choose_cpu_setting)``. None by default: a choice
     made from timings could differ between a run and its resumption, and a setting becomes a
     default only when :func:`kdutils.tools.chooser.accuracy_verdict` allows it (the appendix's
-    checks). :attr:`measure` says whether there is one.
+    checks). ``measure`` says whether there is one.
 
     ``keep_memory``: on a CPU, keep the memory a step frees for the next
     (:func:`keep_freed_memory`, process-wide); None (default): as ``$KD_KEEP_MEMORY`` says
@@ -204,7 +204,7 @@ class Speed:
         anything left to ``auto``/``None``, chosen by ``chooser`` (``cache``: the file it keeps
         its choices in); otherwise by the rules above (``choice`` is None). ``keep_memory``:
         whether this process keeps freed memory (on a CPU :func:`keep_freed_memory` is called
-        here, before any timing, where :meth:`keeps_memory`)."""
+        here, before any timing, where :meth:`~kdutils.speed.Speed.keeps_memory`)."""
         self.precision(device)  # refuses an unknown amp early, on any device
         kept = device.type == "cpu" and (keep_freed_memory() if self.keeps_memory()
                                           else freed_memory_kept())

@@ -169,6 +169,9 @@ def _self_distillation_run(P) -> list:
 
 
 # ---- the registry ----------------------------------------------------------------------------
+#: Every chapter of the book by name, in the table of contents' order.
+#:
+#: :meta hide-value:
 CHAPTERS: dict[str, Chapter] = {c.name: c for c in [
     Chapter("introduction", "01_introduction",
             {"profile": COMMON["profile"], "dataset": COMMON["dataset"], "data_dir": optional_path},

@@ -211,8 +211,8 @@ EVAL_SPEED_UP = 3.0  # a forward pass costs about a third of a training step (fo
 
 def estimate(works: list[Work], rate: Callable[[Work], float]) -> float:
     """Seconds for ``works`` at ``rate(work)`` training images/s: the training steps, plus an
-    evaluation of ``eval_images`` after every epoch at :data:`EVAL_SPEED_UP` times that rate,
-    times :data:`OVERHEAD`."""
+    evaluation of ``eval_images`` after every epoch at ``EVAL_SPEED_UP`` times that rate,
+    times ``OVERHEAD``."""
     return OVERHEAD * sum(w.runs * w.epochs * (w.images + w.eval_images / EVAL_SPEED_UP) / rate(w)
                           for w in works)
 

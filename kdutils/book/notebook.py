@@ -39,7 +39,7 @@ def glue_stat(name: str, statistic: str, arm, baseline=None) -> float:
     """Glue ``statistic`` of the runs ``arm`` (records as a frame, e.g. from
     :func:`kdutils.results.to_frame`), against ``baseline`` for a paired one, together with the
     run keys it came from, so that :func:`kdutils.book.audit.audit_page` can recompute it from
-    the records later. Returns the value. Statistics: :data:`kdutils.book.audit.STATS`."""
+    the records later. Returns the value. Statistics: ``kdutils.book.audit.STATS``."""
     value = audit.stat(statistic, arm, baseline)
     glue(name, value)
     glue(name + audit.SUFFIX, json.dumps({"stat": statistic, **audit.sources(arm, baseline)}))

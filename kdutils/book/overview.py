@@ -63,7 +63,7 @@ def teacher_names(records) -> dict:
 
 
 def part_runs(records, chapters):
-    """The runs a part's table and figure show (:func:`in_overview`): ``chapters``' runs and
+    """The runs a part's table and figure show (:func:`kdutils.book.overview.in_overview`): ``chapters``' runs and
     their teachers, each with ``variant`` (what tells it apart from the runs of its chapter,
     method, profile and data, teachers by name) and ``experiment``, a short label, ordered as
     the book is."""
@@ -85,7 +85,7 @@ def part_runs(records, chapters):
 
 
 def part_table(records, chapters) -> pd.DataFrame:
-    """One row per experiment of ``chapters`` and of their teachers (:func:`part_runs`):
+    """One row per experiment of ``chapters`` and of their teachers (:func:`kdutils.book.overview.part_runs`):
     accuracy as mean ± std over seeds, seeds, epochs, parameters, MFLOPs per image, minutes per
     run, device, profile and data, with short names."""
     part = part_runs(records, chapters)
@@ -145,7 +145,7 @@ def matching(records, spec: dict):
 
 def published_table(records, data_source: str = "cifar10-png") -> pd.DataFrame:
     """The book's runs on ``data_source`` beside the published figure for the same network and
-    recipe (:data:`PUBLISHED`): measured mean, seeds, min-max, and measured - published.
+    recipe (``PUBLISHED``): measured mean, seeds, min-max, and measured - published.
     A recipe no profile runs shows no measurement."""
     records = records[records["data_source"] == data_source]
     rows = []

@@ -36,9 +36,9 @@ def get_teacher(name: str, data, recipe: Recipe, *, options: RunOptions = RunOpt
                 train_if_missing: bool = True, speed: Speed = Speed()) -> Run:
     """The teacher ``name`` trained by ``recipe`` on ``data``: loaded if it exists, else trained.
 
-    The returned :class:`~kdutils.train.Run` holds the model (frozen: eval mode, no gradients), its record (``run.record['test_acc']``) and ``run.record['run_key']``, which
+    The returned :class:`~kdutils.runs.Run` holds the model (frozen: eval mode, no gradients), its record (``run.record['test_acc']``) and ``run.record['run_key']``, which
     student records store as ``teacher_key``. With ``train_if_missing=False`` a missing
-    teacher raises :class:`TeacherMissing` naming the checkpoint it looked for.
+    teacher raises :class:`~kdutils.book.teachers.TeacherMissing` naming the checkpoint it looked for.
     """
     folder = settings.ckpt_dir(options.ckpt_dir) / "teacher"
     folder.mkdir(parents=True, exist_ok=True)

@@ -7,9 +7,9 @@ A run asks for it by passing :func:`choose_cpu_setting` to :class:`kdutils.speed
     kd.train.fit(..., speed=kd.speed.Speed(chooser=chooser.choose_cpu_setting))
 
 Admissible are fp32 and, only where the CPU computes it natively (:func:`cpu_native_bf16`),
-bf16; NCHW and channels_last; minus the settings :data:`ACCURACY_EXCLUDED` for the network
+bf16; NCHW and channels_last; minus the settings ``ACCURACY_EXCLUDED`` for the network
 (:func:`accuracy_verdict` is the book's rule for those). The choice is cached per machine
-(:func:`machine_id`), model and batch size, and written into the run record with the measured
+(``machine_id()``), model and batch size, and written into the run record with the measured
 rates.
 """
 from __future__ import annotations
@@ -61,7 +61,7 @@ def accuracy_verdict(diff_mean: float, ci_low: float, ci_high: float, seeds: int
     ``seeds`` seeds (mean difference and 95% interval, in points):
 
     - ``"excluded"``: at least five seeds and the whole interval more than ``budget`` below
-      zero; the setting goes into :data:`ACCURACY_EXCLUDED` for that network;
+      zero; the setting goes into ``ACCURACY_EXCLUDED`` for that network;
     - ``"may be a default"``: at least five seeds, the interval no lower than ``-budget``
       and the mean within ``budget`` either way (a default must not change what the book's
       runs measure, not even by a gain);
@@ -80,7 +80,7 @@ def cpu_candidates(amp: str, channels_last: bool | None, native_bf16: bool,
                    arch: str = "") -> list[tuple[torch.dtype | None, bool]]:
     """The CPU settings worth timing: fp32 and, with native bf16, bf16 (unless ``amp`` fixes
     the precision); NCHW and channels_last (unless ``channels_last`` fixes the layout); minus
-    those :data:`ACCURACY_EXCLUDED` for ``arch``."""
+    those ``ACCURACY_EXCLUDED`` for ``arch``."""
     if amp == "auto":
         dtypes = [None, torch.bfloat16] if native_bf16 else [None]
     else:
