@@ -52,14 +52,15 @@ def setup(namespace: dict, chapter: str, box: str | None = None):
     ``namespace`` is the notebook's ``globals()``, holding its parameter cell as papermill
     may have overridden it. Returns ``(P, data)``: the checked parameters and the images of
     :func:`kdutils.book.recipes.load_data`. It prints the run's description, the data's source and
-    the device. With ``box``, a glue prefix such as ``"c7"``, it also stores what the page's
+    the device, one per line. With ``box``, a glue prefix such as ``"c7"``, it also stores what the page's
     "this run" box quotes: ``{box}_profile``, ``_train_size``, ``_test_size``, ``_device`` and
     ``_profile_says`` (what the profile's numbers can and cannot say).
     """
     P = chapters.from_notebook(namespace, chapter=chapter)
     data = recipes.load_data(P)
     device = results.device_name(train.pick_device(P.device))
-    print(params.describe(P), "| data:", data.source, "| device:", device)
+    # three short lines: a page shows each whole, where one long line was cut at its margin
+    print(f"run:    {params.describe(P)}\ndata:   {data.source}\ndevice: {device}")
     if box is not None:
         glue(f"{box}_profile", P.profile)
         glue(f"{box}_train_size", len(data.train_y))
