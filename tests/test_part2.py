@@ -323,7 +323,11 @@ def test_a_chapters_setup_checks_its_parameters_loads_its_images_and_fills_its_b
     assert glued.pop("c7_device").startswith("cpu (")
     assert glued == {"c7_profile": "cpu", "c7_train_size": 64, "c7_test_size": 40,
                      "c7_profile_says": book.params.profile_note("cpu")}
-    assert "profile=cpu, epochs=3, seeds=[0, 1, 2]" in capsys.readouterr().out
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "run:    profile=cpu, epochs=3, seeds=[0, 1, 2], train_size=5000"
+    assert out[1] == "data:   synthetic" and out[2].startswith("device: cpu (")
+    # the parameter cell said 30 epochs, batch 256...: the page says what the profile set instead
+    assert out[3].startswith("the cpu profile sets: epochs=3, batch_size=64, lr=0.05")
     glued.clear()
     book.notebook.setup(notebook, chapter="resnet50_to_resnet18")   # no box: nothing glued
     assert glued == {} and len(loaded) == 2

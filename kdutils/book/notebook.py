@@ -52,7 +52,8 @@ def setup(namespace: dict, chapter: str, box: str | None = None):
     ``namespace`` is the notebook's ``globals()``, holding its parameter cell as papermill
     may have overridden it. Returns ``(P, data)``: the checked parameters and the images of
     :func:`kdutils.book.recipes.load_data`. It prints the run's description, the data's source and
-    the device, one per line. With ``box``, a glue prefix such as ``"c7"``, it also stores what the page's
+    the device, one per line, and every parameter the profile set to another value than the
+    parameter cell's (a reduced profile's epochs, say). With ``box``, a glue prefix such as ``"c7"``, it also stores what the page's
     "this run" box quotes: ``{box}_profile``, ``_train_size``, ``_test_size``, ``_device`` and
     ``_profile_says`` (what the profile's numbers can and cannot say).
     """
@@ -61,6 +62,10 @@ def setup(namespace: dict, chapter: str, box: str | None = None):
     device = results.device_name(train.pick_device(P.device))
     # three short lines: a page shows each whole, where one long line was cut at its margin
     print(f"run:    {params.describe(P)}\ndata:   {data.source}\ndevice: {device}")
+    # what the profile changed, so that a page never shows a parameter cell its run did not use
+    changed = {k: P[k] for k in P if k in namespace and namespace[k] != P[k]}
+    if changed:
+        print(f"the {P.profile} profile sets: " + ", ".join(f"{k}={v!r}" for k, v in changed.items()))
     if box is not None:
         glue(f"{box}_profile", P.profile)
         glue(f"{box}_train_size", len(data.train_y))
