@@ -169,8 +169,8 @@ def pretrained_resnet18(num_classes: int = 10) -> nn.Module:
     to do when the weights cannot be downloaded and are not in torch's cache."""
     import torchvision
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-    try:   # torch announces the download with the cache's full path: not on a page
-        with contextlib.redirect_stderr(io.StringIO()):
+    try:   # torch announces the download with the cache's full path (on stdout): not on a page
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             net = torchvision.models.resnet18(weights=weights)
     except Exception as e:  # URLError, socket errors, proxy errors, a truncated file...
         raise WeightsUnavailable(

@@ -218,6 +218,24 @@ def test_small_cnn_sizes():
         kd.models.SmallCNN(image_size=100)
 
 
+def test_an_offline_download_of_pretrained_weights_shows_no_machine_path(tmp_path, monkeypatch, capsys):
+    """torch announces a download with the cache's full path, on stdout: a page must not show it,
+    only the error that says what to do (with the cache as ~/...)."""
+    import urllib.error
+    from kdutils.book import audit
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / ".cache" / "torch"))   # nothing cached there
+
+    def offline(url, dst, *a, **k):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(kd.models.WeightsUnavailable) as e:
+        kd.models.pretrained_resnet18()
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+    assert "~/.cache/torch/hub/checkpoints/" in str(e.value) and str(tmp_path) not in str(e.value)
+
+
 def test_pretrained_teacher_falls_back_to_the_books_own_teacher_when_offline(dirs, monkeypatch, capsys):
     import torchvision
 
