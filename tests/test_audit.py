@@ -13,7 +13,8 @@ from kdutils.book import audit
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted((ROOT / "book").glob("*.ipynb"))
 # pages executed since their numbers carry their runs (the others still quote numbers without)
-SOURCED = {"02_baseline", "03_hinton_kd", "04_cosine_hidden_state", "05_intermediate_regressor"}
+SOURCED = {"02_baseline", "03_hinton_kd", "04_cosine_hidden_state", "05_intermediate_regressor",
+           "07_results", "10_pretrained_teacher"}
 
 
 def _output(name, value):
@@ -131,3 +132,8 @@ def test_paths_and_commands_are_shown_relative_to_the_project_or_home(tmp_path, 
                                    f"--out {tmp_path}/b.json --steps 5")
     assert shown == "python -m kdutils.tools.bench --data-dir .data/cifar10-png --out b.json --steps 5"
     assert not audit.MACHINE_PATH.search(shown)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.stem for p in PAGES])
+def test_no_page_shows_a_machine_path(page):
+    assert audit.machine_paths(page) == []
