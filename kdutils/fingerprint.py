@@ -92,12 +92,14 @@ def _is_own(obj) -> bool:
 
 
 def _digest(obj) -> str | None:
-    """A hash of the source as parsed, without docstrings; None without source."""
+    """A hash of the source as parsed, without docstrings; None without source; an error if its file changed since."""
+    code = obj.__code__ if isinstance(obj, types.FunctionType) else obj
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(
-            obj.__code__ if isinstance(obj, types.FunctionType) else obj)))
+        tree = ast.parse(textwrap.dedent(inspect.getsource(code)))
     except (OSError, TypeError, SyntaxError):   # exec'd code, a class in a notebook, a fragment
         return None
+    if getattr(tree.body[0], "name", "<lambda>") not in (getattr(code, "co_name", obj.__name__), "<lambda>"):
+        raise RuntimeError(f"{inspect.getsourcefile(code)} changed since this process imported it: restart it")
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if isinstance(body, list):   # a string alone as a statement is a docstring

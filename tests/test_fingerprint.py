@@ -89,6 +89,19 @@ def test_a_fingerprint_follows_the_code_a_step_calls_and_ignores_comments_and_do
     assert {"__main__.step", "kdutils.losses.kd_loss"} <= code_fingerprint(namespace["step"]).keys()
 
 
+def test_a_file_edited_after_import_is_an_error_not_another_functions_hash(module, tmp_path):
+    """The source is read from the file when the fingerprint is taken: lines inserted above a
+    function after it was imported put another text where it was. That must not pass for the
+    function's code (it did, and a finished teacher was trained again over its checkpoint)."""
+    m = module()
+    assert f"{m.__name__}.step" in code_fingerprint(m.step)
+    path = tmp_path / f"{m.__name__}.py"
+    path.write_text("# a comment\n# another\n\n\n\n\n\n" + path.read_text())   # not imported again
+    linecache.clearcache()
+    with pytest.raises(RuntimeError, match=f"{m.__name__}.py changed since this process imported it"):
+        code_fingerprint(m.step)
+
+
 def test_a_run_whose_loss_changed_trains_again_and_one_whose_comments_changed_reloads(
         module, tiny, tmp_path, capsys):
     dirs = {"options": RunOptions(ckpt_dir=str(tmp_path / "ckpt"), results_dir=str(tmp_path / "results"),
