@@ -143,14 +143,22 @@ def matching(records, spec: dict):
     return runs[runs["identity"] == best]
 
 
+def published_runs(records, data_source: str = "cifar10-png") -> dict:
+    """Per row of ``PUBLISHED``: the book's runs of the same network and recipe on
+    ``data_source`` (:func:`matching`; empty where no profile runs the recipe)."""
+    records = records[records["data_source"] == data_source]
+    return {name: matching(records, spec) if len(records) else records
+            for name, *_, spec in PUBLISHED}
+
+
 def published_table(records, data_source: str = "cifar10-png") -> pd.DataFrame:
     """The book's runs on ``data_source`` beside the published figure for the same network and
-    recipe (``PUBLISHED``): measured mean, seeds, min-max, and measured - published.
+    recipe (:func:`published_runs`): measured mean, seeds, min-max, and measured - published.
     A recipe no profile runs shows no measurement."""
-    records = records[records["data_source"] == data_source]
+    runs_of = published_runs(records, data_source)
     rows = []
-    for name, what, published, source, spec in PUBLISHED:
-        runs = matching(records, spec) if len(records) else records
+    for name, what, published, source, _ in PUBLISHED:
+        runs = runs_of[name]
         acc = runs["test_acc"] if len(runs) else pd.Series(dtype=float)
         rows.append({"row": name, "network and recipe": what, "published (%)": published,
                      "source": source,
@@ -159,4 +167,3 @@ def published_table(records, data_source: str = "cifar10-png") -> pd.DataFrame:
                      "book − published": round(acc.mean() - published, 2) if len(acc) else None,
                      "device": short_device(runs["device"].iloc[0]) if len(acc) else "not run"})
     return pd.DataFrame(rows)
-
