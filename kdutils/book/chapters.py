@@ -21,6 +21,7 @@ from typing import Any, Callable
 from .. import settings
 from ..methods import METHODS, byot_step, hook_sd_step, step_defaults
 from . import recipes
+from .regimes import ARMS, VIEW_ARMS
 from .params import (DATASETS, MODELS, PROFILES, SCHEDULES, ParameterError, Params, boolean,
                      choice, device, fraction, fractions, list_of, optional_path, positive_float,
                      positive_int, probability, seeds, weight)
@@ -144,14 +145,20 @@ def _pretrained_plan(P) -> list[Work]:   # the KD students' teacher outputs are 
                  P.batch_size, None, P.image_size)]
 
 
-def _pays_plan(P) -> list[Work]:   # roughly: its four experiments, each over its own share of images
+def _pays_plan(P) -> list[Work]:   # its four experiments; every run but the views' fills 50,000 images
     n, s, bs = _train_images(P), len(P.seeds), P.batch_size
-    return [Work("airbench teacher", "airbench", n, P.teacher_epochs, 1, 1024, is_teacher=True),
-            Work(f"lightnn, teacher strength x{3 * s}", "lightnn", n, P.epochs, 3 * s, bs),
-            Work("lightnn, few labels", "lightnn", n, P.few_label_epochs, 3 * len(P.fractions) * s, bs),
-            Work("lightnn, T x alpha", "lightnn", int(n * P.grid_fraction), P.epochs,
-                 len(P.grid_T) * len(P.grid_alpha) * s, bs),
-            Work("lightnn, fixed views", "lightnn", int(n * P.view_fraction), sum(P.view_epochs), 2 * s, bs)]
+    few = [f for f in P.fractions if f < 1]
+    teachers = len(P.teacher_seeds) + 1            # and one without label smoothing
+    return [Work(f"airbench teacher x{teachers}", "airbench", n, P.teacher_epochs, teachers, 1024,
+                 is_teacher=True),
+            Work(f"lightnn, teacher strength x{(2 + teachers) * s}", "lightnn", n, P.epochs,
+                 (2 + teachers) * s, bs),
+            Work("lightnn, few labels", "lightnn", n, P.few_label_epochs,
+                 (len(ARMS) * len(few) + 2 * (len(few) < len(P.fractions))) * s, bs),
+            Work("lightnn, T x alpha", "lightnn", n - P.grid_val_size, P.few_label_epochs,
+                 (len(P.grid_T) * len(P.grid_alpha) + 1) * s, bs),
+            Work("lightnn, fixed views", "lightnn", int(n * P.view_fraction), sum(P.view_epochs),
+                 len(VIEW_ARMS) * s, bs)]
 
 
 def _fast_plan(P) -> list[Work]:   # each network twice per seed: fp32 NCHW and the fast setting
@@ -199,14 +206,15 @@ CHAPTERS: dict[str, Chapter] = {c.name: c for c in [
             {**COMMON, "teacher_epochs": positive_float, "T": positive_float, "alpha": probability,
              "fractions": fractions, "few_label_epochs": positive_int,
              "grid_T": list_of(positive_float), "grid_alpha": list_of(probability),
-             "grid_fraction": fraction, "view_fraction": fraction, "views": positive_int,
-             "view_epochs": list_of(positive_int)},
+             "grid_fraction": fraction, "grid_val_size": positive_int, "teacher_seeds": seeds,
+             "view_fraction": fraction, "views": positive_int, "view_epochs": list_of(positive_int)},
             {**{k: v for k, v in TUTORIAL_RECIPE.items() if k != "teacher"}, "teacher_epochs": 9.9,
              "T": 5.0, "alpha": 0.5, "fractions": [0.01, 0.05, 0.2, 1.0], "few_label_epochs": 3,
              "grid_T": [1.0, 2.0, 5.0, 10.0], "grid_alpha": [0.25, 0.5, 0.9], "grid_fraction": 0.05,
-             "view_fraction": 0.2, "views": 8, "view_epochs": [10, 40]},
+             "grid_val_size": 5000, "teacher_seeds": [0, 1], "view_fraction": 0.2, "views": 8,
+             "view_epochs": [10, 40]},
             {"smoke": {"few_label_epochs": 1, "fractions": [0.05, 1.0], "grid_T": [1.0, 5.0],
-                       "grid_alpha": [0.5], "views": 2, "view_epochs": [1, 2]}},
+                       "grid_alpha": [0.5], "grid_val_size": 200, "views": 2, "view_epochs": [1, 2]}},
             plan=_pays_plan),
     Chapter("results", "07_results", {"results_dir": optional_path}, {"results_dir": None}),
     # The cpu profile's ResNet50 learns from all 50,000 training images for one epoch: on a
